@@ -1,0 +1,58 @@
+"""Backend registry: each backend is a module with `available()`, `forward(...)` and `backward(...)`.
+
+See `torch_explicit.py` for the contract. Modules are imported lazily so that a missing build of one
+backend never breaks the others.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# name -> (module, how to build it when missing)
+_BACKENDS = {
+    "torch": ("megl.ops.backends.torch_explicit", "nothing to build: it is plain PyTorch"),
+    "cpp": ("megl.ops.backends.cpp", "pip install . (needs a C++ compiler; the pybind11 module megl._saliency_cpu)"),
+    "cuda": (
+        "megl.ops.backends.cuda",
+        "install with nvcc on PATH or CUDA_HOME set, without MEGL_SKIP_CUDA=1: pip install . "
+        "(builds megl._saliency_cuda), and run on a CUDA device",
+    ),
+    "triton": (
+        "megl.ops.backends.triton",
+        "pip install triton (bundled with Linux CUDA builds of torch); on CPU set TRITON_INTERPRET=1 before importing megl",
+    ),
+}
+NAMES = ("reference",) + tuple(_BACKENDS)
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def load(name: str) -> ModuleType:
+    """The backend module `name`, or a BackendUnavailable error that says how to build it."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown megl backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    module_name, how = _BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        reason = None if module.available() else getattr(module, "UNAVAILABLE_REASON", "not available")
+    except ImportError as err:  # the compiled extension or triton is missing
+        reason = str(err)
+    if reason is not None:
+        raise BackendUnavailable(f"megl backend {name!r} is not available ({reason}). To get it: {how}.")
+    return module
+
+
+def is_available(name: str) -> bool:
+    if name == "reference":
+        return True
+    try:
+        load(name)
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def available_backends() -> list[str]:
+    return [n for n in NAMES if is_available(n)]

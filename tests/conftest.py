@@ -1,0 +1,6 @@
+import os
+
+# Triton runs on the CPU only in interpreter mode, which must be on before any kernel is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
