@@ -1,0 +1,72 @@
+"""RRR, "Right for the Right Reasons" (Ross, Hughes & Doshi-Velez, 2017, IJCAI; EGL survey §3.2.1 eq. 7):
+penalise the input gradients of the log-probabilities inside the region the model should ignore.
+
+    L = (1/B) Σ_b [ CE(y_b, f(I_b)) + λ₁ Σ_{c,p,q} ( R_bpq · ∂/∂I_bcpq Σ_k log p̂_bk )² ]
+
+R = 1 − A on annotated samples (the irrelevant region; A is the human mask, broadcast over colour channels) and
+R = 0 on unannotated ones, which therefore get cross-entropy only. The gradient is taken with respect to the raw
+image in [0, 1] (the classifier normalises inside), with `create_graph=True` so the penalty trains the network
+(double backward). Both sums run over the batch, as in the paper (Σ_n), so the total is divided by B.
+
+Default λ₁ = 1000: the paper's and its reference code's value (github.com/dtak/rrr, `l2_grads=1000`), chosen
+there so that the two terms have similar magnitudes. The paper's third term, λ₂‖θ‖² (λ₂ = 1e-4), is plain weight
+decay and is left to the optimiser so that every method shares it. (The EGL survey's re-run used λ₁ = 1.)
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import check_batch, classifier_of, cross_entropy, hparam, result, upcast
+
+DEFAULTS = {"rrr_lambda": 1000.0}
+
+
+def input_gradients(logits: Tensor, image: Tensor) -> Tensor:
+    """∂/∂image of Σ_b Σ_k log softmax(logits)_bk, kept in the graph (create_graph=True)."""
+    if not image.requires_grad:
+        raise ValueError("rrr: the image must require grad and be the input the logits were computed from")
+    (grad,) = torch.autograd.grad(F.log_softmax(upcast(logits), dim=1).sum(), image, create_graph=True)
+    return grad
+
+
+def rrr_penalty(grad: Tensor, mask: Tensor, has_mask: Tensor) -> Tensor:
+    """(1/B) Σ_b Σ_{c,p,q} ((1 − A_bpq) · grad_bcpq)² over annotated b. grad: (B, C, H, W); mask: (B, H, W)."""
+    if grad.shape[0] != mask.shape[0] or grad.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"rrr: gradients {tuple(grad.shape)} and mask {tuple(mask.shape)} do not match (B, ·, H, W)")
+    irrelevant = (1.0 - mask.to(grad.dtype)) * has_mask.bool()[:, None, None].to(grad.dtype)
+    return ((irrelevant.unsqueeze(1) * grad) ** 2).sum() / grad.shape[0]
+
+
+def _math_attention():
+    """Double backward needs the math SDPA kernel (the fused ones have no second derivative)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def rrr_terms(forward: Callable[[Tensor], Tensor], image: Tensor, label: Tensor, mask: Tensor, has_mask: Tensor,
+              lam: float = DEFAULTS["rrr_lambda"]) -> dict[str, Tensor]:
+    """CE + λ₁ · penalty for a function `forward(image) -> logits` (one forward pass serves both terms)."""
+    x = image.detach().requires_grad_(True)
+    with _math_attention():
+        logits = forward(x)
+        ce = cross_entropy(logits, label)
+        if bool(has_mask.bool().any()):
+            penalty = rrr_penalty(input_gradients(logits, x), mask, has_mask)
+        else:
+            penalty = logits.sum() * 0.0
+    return result(ce, penalty, lam)
+
+
+def rrr_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+    check_batch(batch, "rrr")
+    clf = classifier_of(model, "rrr")
+    lam = float(hparam(config, "rrr_lambda", DEFAULTS["rrr_lambda"]))
+    return rrr_terms(lambda x: clf(x).logits, batch["image"], batch["label"], batch["mask"], batch["has_mask"], lam)

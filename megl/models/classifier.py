@@ -1,0 +1,166 @@
+"""Image classifiers f with Grad-CAM taps: torchvision ResNet18 and ViT-B/16.
+
+Each returns `ClassifierOutput(logits, activations (B,K,h,w), gradients_fn, features (B,h*w,D))`:
+- ResNet18: activations = layer4 output; gradients in closed form (GAP + linear head, DESIGN §2), which stay
+  differentiable w.r.t. fc.weight without any second-order autograd; features Z_I = the layer4 grid as tokens.
+- ViT-B/16: activations = the patch tokens entering the last block's attention (the output of its ln_1, as
+  pytorch-grad-cam taps `blocks[-1].norm1`; the last block's *output* patch tokens cannot be used: the head reads
+  only the CLS token after them, so their gradient is zero), reshaped to (B,D,g,g); gradients by autograd with
+  create_graph; features Z_I = the final (layer-normed) patch tokens.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from megl.data.transforms import normalize_imagenet
+from megl.ops import autograd_gradcam_gradients, gap_linear_gradcam_gradients
+
+
+class ClassifierOutput(NamedTuple):
+    logits: Tensor  # (B, num_classes)
+    activations: Tensor  # (B, K, h, w) Grad-CAM layer
+    gradients_fn: Callable[[Tensor], Tensor]  # target (B,) -> d logit_target / d activations, (B, K, h, w)
+    features: Tensor  # (B, h*w, D) Z_I, the classifier's visual tokens for SDTG
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A torchvision state dict from .safetensors or a torch file (.pth/.pt, loaded with weights_only)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"classifier weights {path!r} not found; fix classifier_weights or set it to null")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+class Classifier(nn.Module):
+    grid: tuple[int, int]  # Grad-CAM map size h, w
+    feature_dim: int  # D of the features
+
+    def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
+        """d logit_target / d activations, (B, K, h, w); differentiable (create_graph) for training."""
+        raise NotImplementedError
+
+    def _output(self, logits, activations, features) -> ClassifierOutput:
+        holder: list = []
+        out = ClassifierOutput(logits, activations, lambda target: self.gradcam_gradients(holder[0], target), features)
+        holder.append(out)
+        return out
+
+
+class ResNet18Classifier(Classifier):
+    def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, weights: Optional[str] = None):
+        super().__init__()
+        net = torchvision.models.resnet18(weights=None)
+        if weights is not None:
+            sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
+                raise ValueError(f"{weights}: not a torchvision resnet18 state dict (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]})")
+        net.fc = nn.Linear(512, num_classes)
+        if not stem_maxpool:
+            net.maxpool = nn.Identity()
+        self.net = net
+        down = 32 if stem_maxpool else 16
+        side = -(-image_size // down)
+        self.grid = (side, side)
+        self.feature_dim = 512
+
+    def forward(self, image01: Tensor) -> ClassifierOutput:
+        n = self.net
+        x = normalize_imagenet(image01)
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        a = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        logits = n.fc(a.mean(dim=(2, 3)))
+        return self._output(logits, a, a.flatten(2).transpose(1, 2))
+
+    def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
+        return gap_linear_gradcam_gradients(self.net.fc.weight, target, tuple(out.activations.shape[-2:]))
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.net.fc
+
+
+class ViTClassifier(Classifier):
+    def __init__(self, num_classes: int, image_size: int, patch_size: int = 16, num_layers: int = 12,
+                 num_heads: int = 12, hidden_dim: int = 768, mlp_dim: int = 3072, weights: Optional[str] = None):
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+        net = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                                num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes)
+        if weights is not None:
+            sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("heads.")}
+            if "encoder.pos_embedding" in sd and sd["encoder.pos_embedding"].shape != net.encoder.pos_embedding.shape:
+                sd = interpolate_embeddings(image_size, patch_size, sd)
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            if unexpected or [k for k in missing if not k.startswith("heads.")]:
+                raise ValueError(f"{weights}: not a torchvision vit state dict matching this shape "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        self.net = net
+        g = image_size // patch_size
+        self.grid = (g, g)
+        self.feature_dim = hidden_dim
+
+    def forward(self, image01: Tensor) -> ClassifierOutput:
+        if not torch.is_grad_enabled():
+            return self._forward(image01)
+        # The training loss differentiates Grad-CAM's gradients again (double backward); only the math SDPA
+        # kernel has a second derivative (the fused CPU/flash kernels raise "derivative ... not implemented").
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._forward(image01)
+
+    def _forward(self, image01: Tensor) -> ClassifierOutput:
+        n = self.net
+        x = n._process_input(normalize_imagenet(image01))
+        B = x.shape[0]
+        x = torch.cat([n.class_token.expand(B, -1, -1), x], dim=1)
+        enc = n.encoder
+        x = enc.dropout(x + enc.pos_embedding)
+        blocks = list(enc.layers)
+        for blk in blocks[:-1]:
+            x = blk(x)
+        last = blocks[-1]
+        y = last.ln_1(x)
+        g, D = self.grid, y.shape[-1]
+        act = y[:, 1:].transpose(1, 2).reshape(B, D, *g)  # Grad-CAM layer; the rest of the net reads it back
+        y = torch.cat([y[:, :1], act.flatten(2).transpose(1, 2)], dim=1)
+        y, _ = last.self_attention(y, y, y, need_weights=False)
+        x = x + last.dropout(y)
+        x = x + last.mlp(last.ln_2(x))
+        x = enc.ln(x)
+        logits = n.heads(x[:, 0])
+        return self._output(logits, act, x[:, 1:])
+
+    def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
+        if not out.activations.requires_grad:
+            raise RuntimeError("ViT Grad-CAM needs autograd: run the classifier with gradients enabled "
+                               "(model.saliency does this for you)")
+        return autograd_gradcam_gradients(out.logits, out.activations, target, create_graph=create_graph)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.heads
+
+
+def build_classifier(config, num_classes: int) -> Classifier:
+    if config.backbone == "resnet18":
+        return ResNet18Classifier(num_classes, config.image_size, config.resnet_stem_maxpool, config.classifier_weights)
+    if config.backbone == "vit_b_16":
+        return ViTClassifier(num_classes, config.image_size, config.vit_patch_size, config.vit_layers,
+                             config.vit_heads, config.vit_hidden, config.vit_mlp, config.classifier_weights)
+    raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18 or vit_b_16")
+
+
+__all__ = ["Classifier", "ClassifierOutput", "ResNet18Classifier", "ViTClassifier", "build_classifier"]

@@ -1,0 +1,53 @@
+"""The LLM of SDTG: Vicuna v1.5 (a local directory) or a tiny random-initialised Llama, with LoRA adapters (peft).
+
+Attention: flash_attention_2 when flash-attn imports and the device is CUDA, else PyTorch SDPA. bf16 on GPU.
+The base weights are frozen; only the LoRA adapters train.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+
+def attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except Exception:  # a broken flash-attn build: fall back rather than fail the run
+            pass
+    return "sdpa"
+
+
+def build_llm(config, tokenizer, device: torch.device) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    attn = attention_implementation(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.llm == "tiny":
+        h = config.tiny_llm_hidden
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=config.tiny_llm_layers,
+            num_attention_heads=config.tiny_llm_heads, num_key_value_heads=config.tiny_llm_heads,
+            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        )
+        cfg._attn_implementation = attn
+        model = LlamaForCausalLM(cfg).to(dtype)
+    else:
+        if not os.path.isdir(config.llm):
+            raise FileNotFoundError(f"llm directory {config.llm!r} not found: give a local Vicuna v1.5 checkpoint "
+                                    "directory (--set llm=PATH) or use llm=tiny")
+        model = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, attn_implementation=attn)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)

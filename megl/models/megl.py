@@ -1,0 +1,179 @@
+"""`MEGLModel`: classifier f + frozen CLIP + LLM with LoRA + SDTG projections (paper Fig. 2)."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from megl.ops import SaliencyOutput, fused_saliency
+
+from .classifier import Classifier, ClassifierOutput, build_classifier
+from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
+from .llm import build_llm
+from .sdtg import SDTG, PromptBuilder, greedy_generate
+
+
+class MEGLModel(nn.Module):
+    def __init__(self, config, class_names: Sequence[str], classifier: Classifier, clip_encoder: CLIPVisionEncoder,
+                 llm: nn.Module, tokenizer, clip_tok=None):
+        super().__init__()
+        self.config = config
+        self.class_names = list(class_names)
+        self.classifier = classifier
+        self.clip_encoder = clip_encoder
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.clip_tokenizer = clip_tok
+        llm_dim = llm.get_input_embeddings().weight.shape[1]
+        self.sdtg = SDTG(classifier.feature_dim, clip_encoder.width, llm_dim)
+        self.prompts = PromptBuilder(tokenizer)
+        # Which paths carry L_text's gradient into the classifier (tests switch one off at a time):
+        # through V_I = W_I·Z_I, and through the saliency Â inside CLIP(I ⊙ Â).
+        self.text_through_features = True
+        self.text_through_saliency = True
+
+    @property
+    def clip(self) -> nn.Module:
+        """The open_clip model (frozen), e.g. for CLIPScore with `self.clip_tokenizer`."""
+        return self.clip_encoder.clip
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+    # ------------------------------------------------------------------ saliency
+    def gradcam(self, out: ClassifierOutput, image01: Tensor, target: Tensor, mask: Optional[Tensor] = None,
+                has_mask: Optional[Tensor] = None, prior: Optional[Tensor] = None,
+                create_graph: bool = True) -> SaliencyOutput:
+        """Fused saliency (Â, I ⊙ Â, per-sample L1 to the mask, KL to the prior) for `target` of one forward."""
+        grads = self.classifier.gradcam_gradients(out, target, create_graph=create_graph)
+        return fused_saliency(out.activations, grads, image01, mask, has_mask, prior,
+                              backend=self.config.saliency_backend)
+
+    def explain(self, image01: Tensor, target: Optional[Tensor] = None) -> tuple[Tensor, SaliencyOutput]:
+        """Inference: (logits, saliency for `target`, default the predicted class); no graph is kept."""
+        with torch.enable_grad():  # ViT Grad-CAM needs autograd even at inference
+            out = self.classifier(image01)
+            if target is None:
+                target = out.logits.argmax(1)
+            sal = self.gradcam(out, image01, target.to(out.logits.device), create_graph=False)
+        return out.logits.detach(), SaliencyOutput(*(t.detach() for t in sal))
+
+    def saliency(self, image01: Tensor, target: Optional[Tensor] = None) -> SaliencyOutput:
+        return self.explain(image01, target)[1]
+
+    # ------------------------------------------------------------------ SDTG
+    def visual_tokens(self, out: ClassifierOutput, masked_image: Tensor) -> Tensor:
+        Z_I = out.features if self.text_through_features else out.features.detach()
+        masked = masked_image if self.text_through_saliency else masked_image.detach()
+        return self.sdtg(Z_I, tuple(out.activations.shape[-2:]), self.clip_encoder(masked))
+
+    def text_loss(self, out: ClassifierOutput, masked_image: Tensor, class_ids: Tensor,
+                  rationales: Sequence[str]) -> Tensor:
+        """L_text: mean NLL of the rationale tokens given V = V_I + V_A and a prompt naming `class_ids`."""
+        V = self.visual_tokens(out, masked_image)
+        embed = self.llm.get_input_embeddings()
+        names = [self.class_names[int(c)] for c in class_ids]
+        inputs, mask, labels = self.prompts.training_batch(embed, V, names, rationales)
+        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss.float()
+
+    @torch.no_grad()
+    def generate_rationales(self, image01: Tensor, class_ids: Optional[Tensor] = None,
+                            max_new_tokens: Optional[int] = None) -> list[str]:
+        """Greedy rationales for `class_ids` (default: the predicted classes)."""
+        with torch.enable_grad():
+            out = self.classifier(image01)
+            target = out.logits.argmax(1) if class_ids is None else class_ids.to(out.logits.device)
+            sal = self.gradcam(out, image01, target, create_graph=False)
+        V = self.sdtg(out.features.detach(), tuple(out.activations.shape[-2:]), self.clip_encoder(sal.masked.detach()))
+        embed = self.llm.get_input_embeddings()
+        names = [self.class_names[int(c)] for c in target]
+        inputs, mask, positions = self.prompts.prompt_batch(embed, V, names)
+        ids = greedy_generate(self.llm, embed, inputs, mask, positions,
+                              max_new_tokens or self.config.max_new_tokens, self.prompts.eos)
+        return [self.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+
+    # ------------------------------------------------------------------ training objective
+    def loss(self, batch: dict, prior: Optional[Tensor], lambdas: Optional[dict] = None,
+             method: Optional[str] = None) -> dict[str, Tensor]:
+        """Loss terms of `method` (default config.method) via megl.losses; `lambdas` overrides config fields
+        such as {"lambda_text": 0.0}."""
+        from megl.losses import get_method
+
+        config = self.config
+        if lambdas:
+            config = copy.copy(config)
+            for k, v in lambdas.items():
+                if not hasattr(config, k):
+                    raise ValueError(f"loss: unknown config field {k!r} in lambdas")
+                setattr(config, k, v)
+        return get_method(method or config.method)(self, batch, prior, config)
+
+    def forward(self, batch: dict, prior: Optional[Tensor] = None, lambdas: Optional[dict] = None,
+                method: Optional[str] = None) -> dict[str, Tensor]:
+        # forward() = loss(), so DistributedDataParallel sees the whole objective in its forward.
+        return self.loss(batch, prior, lambdas, method)
+
+    # ------------------------------------------------------------------ parameters and checkpoints
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {
+            "classifier": [p for p in self.classifier.parameters() if p.requires_grad],
+            "projector": [p for p in self.sdtg.parameters() if p.requires_grad],
+            "lora": [p for p in self.llm.parameters() if p.requires_grad],
+        }
+        assert not any(p.requires_grad for p in self.clip_encoder.parameters()), "CLIP must stay frozen"
+        return groups
+
+    def _external_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen weights that come from local checkpoints (not stored in the run)."""
+        out = []
+        if self.config.clip_model != "tiny":
+            out.append("clip_encoder.")
+        return tuple(out)
+
+    def checkpoint_state_dict(self) -> dict[str, Tensor]:
+        """What a run stores: everything trainable, all buffers, and frozen weights not loadable from a path."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        external = self._external_prefixes()
+        real_llm = self.config.llm != "tiny"
+        out = {}
+        for name, t in self.state_dict().items():
+            if name.startswith(external):
+                continue
+            if real_llm and name.startswith("llm.") and name not in trainable:
+                continue
+            out[name] = t
+        return out
+
+    def load_checkpoint_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.checkpoint_state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model built from config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
+        self.load_state_dict(state, strict=False)
+
+
+def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu") -> MEGLModel:
+    """Build the whole model from a `Config`. `tokenizer`: the run's trained tokenizer for llm='tiny' (see
+    megl.models.tokenizer.train_tokenizer); a real LLM brings its own from its directory."""
+    from .tokenizer import load_tokenizer
+
+    device = torch.device(device)
+    if tokenizer is None:
+        if config.llm == "tiny":
+            raise ValueError("build_model: llm='tiny' needs the run's tokenizer (train_tokenizer(...) or "
+                             "load_tokenizer('<run>/tokenizer'))")
+        tokenizer = load_tokenizer(config.llm)
+    with torch.random.fork_rng(devices=[]):  # random-initialised parts are a function of the seed alone
+        torch.manual_seed(config.seed)
+        classifier = build_classifier(config, len(class_names))
+        clip = build_open_clip(config)
+        encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
+        llm = build_llm(config, tokenizer, device)
+        model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
+    if device.type == "cuda":
+        model.clip_encoder.to(torch.bfloat16)
+    return model.to(device)

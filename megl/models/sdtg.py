@@ -1,0 +1,114 @@
+"""Saliency-Driven Textual Grounding (paper §3.3).
+
+V_I = W_I · Z_I (classifier tokens), V_A = W_A · Z_A (CLIP tokens of I ⊙ Â), V = V_I + V_A.
+The two token grids have different sizes (e.g. ResNet18 layer4 4×4 or 7×7, CLIP ViT-L-14 16×16), so CLIP's patch
+grid is adaptive-average-pooled to the classifier's grid before the sum: V has one token per Grad-CAM cell, and
+token (i, j) of V_I and of V_A cover the same image region.
+
+V is inserted as visual tokens in the Vicuna v1 template "{system} USER: <image>\\n{question} ASSISTANT: {rationale}</s>";
+the question names the class. Labels are -100 everywhere except the rationale tokens and the closing </s>.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tokenizer import prompt_parts
+
+IGNORE = -100
+
+
+class SDTG(nn.Module):
+    def __init__(self, feature_dim: int, clip_dim: int, llm_dim: int):
+        super().__init__()
+        self.W_I = nn.Linear(feature_dim, llm_dim)
+        self.W_A = nn.Linear(clip_dim, llm_dim)
+
+    def forward(self, Z_I: Tensor, grid: tuple[int, int], Z_A: Tensor) -> Tensor:
+        """Z_I (B, h*w, D_f), Z_A (B, D_c, gh, gw) -> V (B, h*w, D_llm)."""
+        if Z_I.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"SDTG: {Z_I.shape[1]} classifier tokens for a {grid} grid")
+        Z_A = F.adaptive_avg_pool2d(Z_A.to(self.W_A.weight.dtype), grid).flatten(2).transpose(1, 2)
+        return self.W_I(Z_I.to(self.W_I.weight.dtype)) + self.W_A(Z_A)
+
+
+class PromptBuilder:
+    """Token ids of the template pieces (cached per class) and batch assembly around the visual tokens."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pieces = lru_cache(maxsize=4096)(self._pieces_uncached)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _pieces_uncached(self, class_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        before, after = prompt_parts(class_name)
+        head = ([self.bos] if self.bos is not None else []) + self._ids(before)
+        return tuple(head), tuple(self._ids(after))
+
+    def _embed(self, embed: nn.Module, ids: Sequence[int], device) -> Tensor:
+        return embed(torch.tensor(list(ids), dtype=torch.long, device=device))
+
+    def training_batch(self, embed: nn.Module, V: Tensor, class_names: Sequence[str], rationales: Sequence[str]):
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L); right-padded."""
+        device, B = V.device, V.shape[0]
+        seqs, labels = [], []
+        for b in range(B):
+            head, tail = self._pieces(class_names[b])
+            answer = self._ids(" " + rationales[b].strip()) + [self.eos]
+            emb = torch.cat([self._embed(embed, head, device), V[b].to(embed.weight.dtype),
+                             self._embed(embed, tail + tuple(answer), device)])
+            seqs.append(emb)
+            labels.append([IGNORE] * (len(head) + V.shape[1] + len(tail)) + answer)
+        L = max(s.shape[0] for s in seqs)
+        pad = embed(torch.tensor([self.pad], device=device))[0]
+        inputs = torch.stack([torch.cat([s, pad.expand(L - s.shape[0], -1)]) for s in seqs])
+        mask = torch.tensor([[1] * s.shape[0] + [0] * (L - s.shape[0]) for s in seqs], device=device)
+        lab = torch.tensor([lab + [IGNORE] * (L - len(lab)) for lab in labels], device=device)
+        return inputs, mask, lab
+
+    def prompt_batch(self, embed: nn.Module, V: Tensor, class_names: Sequence[str]):
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), position_ids (B, L); left-padded for generation."""
+        device, B = V.device, V.shape[0]
+        seqs = []
+        for b in range(B):
+            head, tail = self._pieces(class_names[b])
+            seqs.append(torch.cat([self._embed(embed, head, device), V[b].to(embed.weight.dtype),
+                                   self._embed(embed, tail, device)]))
+        L = max(s.shape[0] for s in seqs)
+        pad = embed(torch.tensor([self.pad], device=device))[0]
+        inputs = torch.stack([torch.cat([pad.expand(L - s.shape[0], -1), s]) for s in seqs])
+        mask = torch.tensor([[0] * (L - s.shape[0]) + [1] * s.shape[0] for s in seqs], device=device)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        return inputs, mask, positions
+
+
+@torch.no_grad()
+def greedy_generate(llm: nn.Module, embed: nn.Module, inputs: Tensor, mask: Tensor, positions: Tensor,
+                    max_new_tokens: int, eos: int) -> list[list[int]]:
+    """Greedy decoding with a KV cache from prompt embeddings; returns the new token ids (without </s>)."""
+    B = inputs.shape[0]
+    out_ids: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+    out = llm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        for b in range(B):
+            if not done[b] and int(nxt[b]) != eos:
+                out_ids[b].append(int(nxt[b]))
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=mask, position_ids=positions,
+                  past_key_values=out.past_key_values, use_cache=True)
+    return out_ids

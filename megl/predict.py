@@ -1,0 +1,91 @@
+"""`python -m megl.predict --run RUN_DIR IMAGE...`: label, probability, saliency overlay PNG, generated rationale.
+
+Prints one JSON object per image: {"image", "label", "class_id", "probability", "overlay", "rationale"}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def overlay(image01: Tensor, saliency: Tensor, alpha: float = 0.5) -> np.ndarray:
+    """(3,H,W) image in [0,1] and (H,W) saliency in [0,1] -> (H,W,3) uint8 jet-coloured blend."""
+    from matplotlib import colormaps
+
+    img = image01.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    heat = colormaps["jet"](saliency.detach().float().cpu().clamp(0, 1).numpy())[..., :3]
+    return (255 * ((1 - alpha) * img + alpha * heat)).round().astype(np.uint8)
+
+
+def save_panel(path, image01: Tensor, saliency: Tensor, mask: Tensor | None = None, scale: int = 4) -> None:
+    """PNG: image | saliency overlay [| human mask], each upscaled `scale`× (nearest) to be visible."""
+    from PIL import Image
+
+    img = (image01.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    panels = [img, overlay(image01, saliency)]
+    if mask is not None:
+        panels.append(np.repeat((mask.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)[..., None], 3, 2))
+    pic = Image.fromarray(np.concatenate(panels, axis=1))
+    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pic.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def load_image(path, size: int) -> Tensor:
+    from megl.data.dataset import read_image_file
+
+    try:
+        return read_image_file(path, size).float() / 255.0
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"megl.predict: cannot read image {path}: {e}") from e
+
+
+def predict(run, paths, out_dir, device="cpu", max_new_tokens=None) -> list[dict]:
+    model = run.model
+    images = torch.stack([load_image(p, run.config.image_size) for p in paths]).to(device)
+    logits, sal = model.explain(images)
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    rationales = model.generate_rationales(images, pred, max_new_tokens=max_new_tokens)
+    results = []
+    for i, p in enumerate(paths):
+        png = Path(out_dir) / f"{Path(p).stem}_saliency.png"
+        save_panel(png, images[i], sal.saliency[i])
+        c = int(pred[i])
+        results.append({"image": str(p), "label": model.class_names[c], "class_id": c,
+                        "probability": round(float(probs[i, c]), 6), "overlay": str(png), "rationale": rationales[i]})
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megl.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a run directory written by python -m megl.train")
+    ap.add_argument("images", nargs="+", help="image files")
+    ap.add_argument("--out", default=None, help="where overlay PNGs go (default RUN/predictions)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    args = ap.parse_args(argv)
+    from megl.runs import load_run
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        ap.error(f"image file(s) not found: {', '.join(missing)}")
+    run = load_run(args.run, device=args.device)
+    out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
+    for r in predict(run, args.images, out_dir, args.device, args.max_new_tokens):
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The fused saliency op: reference vs autograd, every CPU backend vs the reference, validation, compile."""
+import itertools
+
+import pytest
+import torch
+
+from megl import ops
+from megl.ops import backends, fused_saliency, fused_saliency_reference, gap_linear_gradcam_gradients
+
+# Backends that must exist on every CPU machine (cpp is built by `pip install .`); triton and cuda have
+# their own files (interpreter-sized cases; GPU-only cases).
+CPU_BACKENDS = ["torch", "cpp"]
+
+
+def make_inputs(B, K, h, w, H, W, *, C=3, dtype=torch.float64, seed=0, annotated=(True, False, True), prior_zeros=False):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, K, h, w, generator=g, dtype=dtype)
+    G = torch.randn(B, K, h, w, generator=g, dtype=dtype)
+    I = torch.rand(B, C, H, W, generator=g, dtype=dtype)
+    mask = (torch.rand(B, H, W, generator=g, dtype=dtype) > 0.5).to(dtype)
+    has_mask = torch.tensor([annotated[b % len(annotated)] for b in range(B)])
+    prior = torch.rand(H, W, generator=g, dtype=dtype)
+    if prior_zeros:
+        prior[: H // 2] = 0
+    return A, G, I, mask, has_mask, prior
+
+
+def outputs_and_grads(fn, A, G, I, seed=1, **kw):
+    """Forward outputs, and gradients of a random weighting of every output (grad_output != 1)."""
+    A, G, I = (t.detach().clone().requires_grad_() for t in (A, G, I))
+    out = fn(A, G, I, **kw)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in out)
+    grads = torch.autograd.grad(loss, (A, G, I), allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip((A, G, I), grads)]
+    return [o.detach() for o in out], grads
+
+
+def assert_close(got, want, rtol, atol, what, torch_err=0.0):
+    """|got - want| <= atol + rtol * max|want| + 2 * torch_err, where torch_err is the error of the
+    autograd reference run in got's dtype (the flash-attention criterion: no worse than PyTorch itself)."""
+    got, want = got.double(), want.double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    bound = atol + rtol * scale + 2 * torch_err
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (scale {scale:.3g})"
+
+
+def check_backend(backend, A, G, I, mask, has_mask, prior, rtol=1e-4, atol=1e-5, eps=1e-8):
+    """`backend` in float32 against the float64 reference, forward and all input gradients."""
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    kw64 = dict(mask=mask, has_mask=has_mask, prior=prior, eps=eps)
+    kw32 = dict(mask=f32(mask), has_mask=has_mask, prior=f32(prior), eps=eps)
+    ref = outputs_and_grads(fused_saliency_reference, A, G, I, **kw64)
+    ref32 = outputs_and_grads(fused_saliency_reference, A.float(), G.float(), I.float(), **kw32)
+    got = outputs_and_grads(
+        lambda a, g, i, **kw: fused_saliency(a, g, i, **kw, backend=backend), A.float(), G.float(), I.float(), **kw32
+    )
+    names = ("saliency", "masked", "l1", "kl", "d activations", "d gradients", "d image")
+    for name, o, r, r32 in zip(names, got[0] + got[1], ref[0] + ref[1], ref32[0] + ref32[1]):
+        torch_err = (r32.double() - r).abs().max().item() if r.numel() else 0.0
+        assert_close(o, r, rtol, atol, f"{backend} {name}", torch_err)
+
+
+# ----------------------------------------------------------------------------- the reference itself
+@pytest.mark.parametrize("with_mask,with_prior", [(True, True), (True, False), (False, True), (False, False)])
+def test_reference_gradcheck(with_mask, with_prior):
+    A, G, I, mask, has_mask, prior = make_inputs(2, 3, 3, 4, 7, 9)
+    kw = dict(mask=mask if with_mask else None, has_mask=has_mask if with_mask else None, prior=prior if with_prior else None)
+    # The full Jacobian of all four outputs: every grad_output, not just ones.
+    assert torch.autograd.gradcheck(
+        lambda a, g, i: fused_saliency_reference(a, g, i, **kw), tuple(t.requires_grad_() for t in (A, G, I))
+    )
+
+
+def test_reference_semantics_by_hand():
+    # One sample, one channel, 1x2 map: z = alpha * A with alpha = mean(G) = 2.
+    A = torch.tensor([[[[1.0, 3.0]]]], dtype=torch.float64)
+    G = torch.full_like(A, 2.0)
+    I = torch.ones(1, 1, 1, 2, dtype=torch.float64)
+    mask = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
+    out = fused_saliency_reference(A, G, I, mask, eps=0.0)
+    torch.testing.assert_close(out.saliency, torch.tensor([[[0.0, 1.0]]], dtype=torch.float64))
+    assert out.l1.item() == 0.0 and out.kl.item() == 0.0
+    prior = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    out = fused_saliency_reference(A, G, I, prior=prior, eps=0.0, eps_kl=1e-15)
+    # p = (0, 1), q = (1/2, 1/2): KL = 1 * log(1 / 0.5)  (eps_kl keeps 0 log 0 finite)
+    assert abs(out.kl.item() - torch.log(torch.tensor(2.0, dtype=torch.float64)).item()) < 1e-9
+
+
+# ----------------------------------------------------------------------------- backends vs the reference
+SHAPES = list(itertools.product([1, 3], [1, 7, 64], [(1, 1), (7, 7), (5, 9)], [(224, 224), (33, 47)]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("B,K,hw,HW", SHAPES, ids=[f"B{b}K{k}_{hw[0]}x{hw[1]}_{HW[0]}x{HW[1]}" for b, k, hw, HW in SHAPES])
+def test_backend_matches_reference(backend, B, K, hw, HW):
+    check_backend(backend, *make_inputs(B, K, *hw, *HW))
+
+
+def _edge_case(name):
+    A, G, I, mask, has_mask, prior = make_inputs(3, 5, 6, 7, 33, 47)
+    if name == "constant_cam":
+        # Exactly representable values, so every implementation computes bit-identical z at every pixel
+        # (a 1-ulp ripple would be amplified by 1/eps in the normalisation).
+        A, G = torch.full_like(A, 0.5), torch.full_like(G, 0.25)
+    elif name == "relu_kills_all":
+        G, A = G.abs(), -A.abs()
+    elif name == "no_annotated":
+        has_mask = torch.zeros(3, dtype=torch.bool)
+    elif name == "all_annotated":
+        has_mask = torch.ones(3, dtype=torch.bool)
+    elif name == "prior_with_zeros":
+        prior[:16] = 0
+    elif name == "mask_none":
+        mask, has_mask = None, None
+    elif name == "prior_none":
+        prior = None
+    elif name == "both_none":
+        mask, has_mask, prior = None, None, None
+    return A, G, I, mask, has_mask, prior
+
+
+EDGE_CASES = ["constant_cam", "relu_kills_all", "no_annotated", "all_annotated", "prior_with_zeros", "mask_none",
+              "prior_none", "both_none"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_backend_edge_cases(backend, case):
+    # A constant map makes gradient terms ~1/eps that cancel exactly; in float32 at eps=1e-8 that cancellation
+    # leaves ~1e4 of rounding. eps=1 keeps this case about splitting gradients over ties, not about fp32.
+    check_backend(backend, *_edge_case(case), eps=1.0 if case == "constant_cam" else 1e-8)
+
+
+def test_edge_case_semantics():
+    out = fused_saliency_reference(*_edge_case("relu_kills_all"))
+    assert out.saliency.abs().max() == 0 and out.masked.abs().max() == 0
+    out = fused_saliency_reference(*_edge_case("constant_cam"))
+    assert out.saliency.abs().max() == 0
+    A, G, I, mask, has_mask, prior = _edge_case("no_annotated")
+    out = fused_saliency_reference(A, G, I, mask, has_mask, prior)
+    assert (out.l1 == 0).all() and (out.kl > 0).all()
+    A, G, I, mask, has_mask, prior = _edge_case("all_annotated")
+    out = fused_saliency_reference(A, G, I, mask, has_mask, prior)
+    assert (out.l1 > 0).all() and (out.kl == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    A, G, I, mask, has_mask, prior = make_inputs(3, 8, 7, 7, 40, 40, dtype=torch.float32)
+    A_nc = A.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous strides
+    I_nc = I[:, :, ::1, :].permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    G_nc = gap_linear_gradcam_gradients(torch.randn(5, 8), torch.tensor([0, 4, 2]), (7, 7))  # an expanded view
+    assert not A_nc.is_contiguous() and not I_nc.is_contiguous() and not G_nc.is_contiguous()
+    got = fused_saliency(A_nc, G_nc, I_nc, mask, has_mask, prior, backend=backend)
+    want = fused_saliency_reference(A, G_nc.contiguous(), I, mask, has_mask, prior)
+    for o, r in zip(got, want):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_auto_dispatch_on_cpu_picks_cpp(monkeypatch):
+    monkeypatch.delenv("MEGL_BACKEND", raising=False)
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpp"
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float64) == "torch"
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    A, G, I, *_ = make_inputs(2, 3, 4, 4, 16, 16, dtype=torch.float32)
+    calls = []
+    real = backends.load
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(backends, "load", spy)
+    monkeypatch.setenv("MEGL_BACKEND", "torch")
+    fused_saliency(A, G, I)
+    assert calls == ["torch"]
+    calls.clear()
+    fused_saliency(A, G, I, backend="cpp")  # an explicit backend beats the env var
+    assert calls == ["cpp"]
+
+
+def test_cpp_and_triton_are_built():
+    # CI installs the package the way a user does; both must be there on a CPU machine.
+    assert backends.is_available("cpp"), backends.load("cpp")
+    assert backends.is_available("triton"), backends.load("triton")
+
+
+def test_unavailable_backend_names_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend is available on this machine")
+    with pytest.raises(backends.BackendUnavailable, match="cuda.*pip install"):
+        backends.load("cuda")
+
+
+def test_unknown_backend():
+    A, G, I, *_ = make_inputs(1, 2, 2, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown megl backend 'fast'"):
+        fused_saliency(A, G, I, backend="fast")
+
+
+# ----------------------------------------------------------------------------- validation
+def _valid():
+    return make_inputs(2, 4, 3, 3, 12, 12, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(A=a["A"][0]), "activations must be 4-D"),
+        (lambda a: a.update(G=a["G"][:, :2]), "gradients .* must have the shape of activations"),
+        (lambda a: a.update(I=a["I"][:1]), "batch sizes differ"),
+        (lambda a: a.update(I=a["I"][:, :, :2, :2]), "smaller than the Grad-CAM map"),
+        (lambda a: a.update(mask=a["mask"][:, :5]), "mask must have shape"),
+        (lambda a: a.update(mask=None), "has_mask was given without mask"),
+        (lambda a: a.update(has_mask=a["has_mask"][:1]), "has_mask must have shape"),
+        (lambda a: a.update(prior=a["prior"][:3]), "prior must have shape"),
+        (lambda a: a.update(A=a["A"].long()), "floating-point"),
+        (lambda a: a.update(prior=a["prior"].to("meta")), "prior is on meta"),
+    ],
+)
+def test_validation_errors(mutate, match):
+    A, G, I, mask, has_mask, prior = _valid()
+    args = dict(A=A, G=G, I=I, mask=mask, has_mask=has_mask, prior=prior)
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_saliency(args["A"], args["G"], args["I"], args["mask"], args["has_mask"], args["prior"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["activations", "gradients"])
+def test_non_finite_inputs_are_named(bad, which):
+    A, G, I, *_ = _valid()
+    (A if which == "activations" else G)[1, 2, 0, 0] = bad
+    with pytest.raises(ValueError, match=f"{which} contain NaN or Inf"):
+        fused_saliency(A, G, I)
+
+
+def test_cpp_rejects_double_with_a_fix():
+    A, G, I, *_ = make_inputs(1, 2, 2, 2, 4, 4)
+    with pytest.raises(TypeError, match="float64.*backend='torch'"):
+        fused_saliency(A, G, I, backend="cpp")
+
+
+# ----------------------------------------------------------------------------- torch.library integration
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    A, G, I, mask, has_mask, prior = make_inputs(2, 4, 3, 5, 11, 13, dtype=torch.float32)
+    torch.library.opcheck(
+        torch.ops.megl.fused_saliency_fwd.default, (A.requires_grad_(), G, I, mask, has_mask, prior, 1e-8, 1e-8, backend)
+    )
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    A, G, I, mask, has_mask, prior = make_inputs(2, 8, 4, 4, 32, 32, dtype=torch.float32)
+    weight = torch.randn(5, 8, requires_grad=True)
+    target = torch.tensor([1, 3])
+
+    def step(A, weight, I):
+        G = gap_linear_gradcam_gradients(weight, target, (4, 4))
+        out = fused_saliency(A, G, I, mask, has_mask, prior)
+        return out.l1.mean() + out.kl.mean() + out.masked.square().mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(A, weight, I)
+    (g_got,) = torch.autograd.grad(got, weight)
+    want = step(A, weight, I)
+    (g_want,) = torch.autograd.grad(want, weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
+# ----------------------------------------------------------------------------- Grad-CAM itself
+def test_closed_form_gradients_equal_autograd():
+    torch.manual_seed(0)
+    feats = torch.randn(3, 6, 4, 5, requires_grad=True)
+    head = torch.nn.Linear(6, 4)
+    logits = head(feats.mean(dim=(2, 3)))
+    target = torch.tensor([0, 3, 1])
+    want = ops.autograd_gradcam_gradients(logits, feats, target)
+    got = gap_linear_gradcam_gradients(head.weight, target, (4, 5))
+    torch.testing.assert_close(got, want)
+    # and it stays differentiable w.r.t. the weight (what makes the visual loss train the head)
+    assert got.requires_grad
+
+
+def test_gradcam_matches_captum_on_resnet18():
+    captum_attr = pytest.importorskip("captum.attr")
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(2, 3, 224, 224)
+    target = torch.tensor([3, 7])
+    feats = {}
+    handle = model.layer4.register_forward_hook(lambda m, i, o: feats.update(a=o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    G = gap_linear_gradcam_gradients(model.fc.weight.detach(), target, feats["a"].shape[-2:])
+    ours = fused_saliency(feats["a"], G, x).saliency
+
+    cam = captum_attr.LayerGradCam(model, model.layer4).attribute(x, target=target, relu_attributions=True)
+    lo = cam.amin(dim=(2, 3), keepdim=True)
+    hi = cam.amax(dim=(2, 3), keepdim=True)
+    cam = (cam - lo) / (hi - lo + 1e-8)  # the op's normalisation: min-max at the map's resolution
+    theirs = captum_attr.LayerAttribution.interpolate(cam, (224, 224), interpolate_mode="bilinear").squeeze(1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
