@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import benchutil
 from megl import ops
@@ -28,7 +27,7 @@ LABEL = {
     "pytorch-grad-cam": "pytorch-grad-cam GradCAM",
     "captum": "Captum LayerGradCam + LayerAttribution.interpolate",
 }
-NUM_CLASSES = 40  # Object-ME
+NUM_CLASSES = benchutil.NUM_CLASSES
 
 
 def _shape(device):
@@ -39,12 +38,9 @@ def _shape(device):
 
 class Setup:
     def __init__(self, device):
-        import torchvision
-
-        torch.manual_seed(0)
         self.device = device
         self.B, self.S = _shape(device)
-        self.model = torchvision.models.resnet18(num_classes=NUM_CLASSES).to(device).eval()
+        self.model = benchutil.build_classifier("resnet18", self.S).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         g = torch.Generator().manual_seed(0)
@@ -134,6 +130,5 @@ def test_gradcam_peers(benchmark, device, method):
 
 def teardown_module(module):
     for s in _SETUPS.values():
-        s.cam.__exit__(None, None, None) if hasattr(s.cam, "__exit__") else None
+        s.cam.activations_and_grads.release()  # remove pytorch-grad-cam's hooks
     _SETUPS.clear()
-    F  # noqa: B018 (keep the import for readers comparing with the reference upsampling)

@@ -18,32 +18,18 @@ too, against the ≤1.5 ms (ResNet18) / ≤2.5 ms (ViT-B/16) goals.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import benchutil
+from benchutil import DISPLAY, NUM_CLASSES, build_classifier, image_size
 
-NUM_CLASSES = 40  # Object-ME
 IMAGE_TOKENS = 576
 # Vicuna-v1 prompt of LLaVA-1.5: system prompt (~32 tokens) + "USER: <image>\n" + question (~20) + " ASSISTANT:"
 TEXT_TOKENS_BEFORE_IMAGE = 36
 TEXT_TOKENS_AFTER_IMAGE = 24
-DISPLAY = {"resnet18": "MEGL-ResNet18", "vit_b_16": "MEGL-ViT-B/16", "llava-1.5-7b": "LLaVA-1.5-7B (prefill)"}
-
-
-def image_size() -> int:
-    return 64 if benchutil.quick() else 224
-
-
-def build_classifier(name: str, size: int):
-    import torchvision
-
-    torch.manual_seed(0)
-    if name == "resnet18":
-        return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-    if name == "vit_b_16":
-        return torchvision.models.vit_b_16(num_classes=NUM_CLASSES, image_size=size)
-    raise ValueError(name)
 
 
 def llava_config(tiny: bool = False):
@@ -134,7 +120,7 @@ def test_table5_llava(benchmark):
     device = benchutil.main_device()
     dtype = _dtype(device)
     if device == "cpu" and benchutil.env_flag("MEGL_BENCH_LLAVA") and not benchutil.quick():
-        dtype = getattr(torch, benchutil.os.environ.get("MEGL_BENCH_LLAVA_DTYPE", "float32"))
+        dtype = getattr(torch, os.environ.get("MEGL_BENCH_LLAVA_DTYPE", "float32"))
     full_config = llava_config()
     full_params = llava_param_count(full_config)
     tiny = benchutil.quick()
@@ -171,8 +157,7 @@ def test_table5_llava(benchmark):
         is_reference_row=not tiny,
     ))
     slow = device == "cpu" and not tiny
-    benchutil.measure(benchmark, fn, device, warmup=1 if slow else 2, min_rounds=2 if slow else 3,
-                      max_time=1.0 if slow else None)
+    benchutil.measure(benchmark, fn, device, warmup=1 if slow else 2, rounds=2 if slow else None)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,9 +28,9 @@ using i64 = std::int64_t;
 
 constexpr i64 kRowsPerTask = 16;  // fixed, never derived from the thread count (see above)
 
-// Bilinear taps along one axis, align_corners=False, computed in float exactly as ATen's CPU kernel does
-// (area_pixel_compute_source_index + guard_index_and_lambda), so that s matches F.interpolate to the last bit
-// wherever the arithmetic order allows.
+// Bilinear taps along one axis, align_corners=False, computed in float as ATen's CPU kernel does
+// (area_pixel_compute_source_index + guard_index_and_lambda). s then agrees with F.interpolate to a few ulps:
+// ATen rounds the blend of the four taps in its own order.
 struct Taps {
   std::vector<i64> i0, i1;
   std::vector<float> w0, w1;
@@ -69,20 +70,63 @@ void check_shape(const Shape& sh) {
         " H=" + std::to_string(sh.H) + " W=" + std::to_string(sh.W) + ": spatial sizes must be >= 1");
 }
 
-void check_required(std::initializer_list<std::pair<const char*, std::uintptr_t>> ptrs) {
-  for (const auto& [name, p] : ptrs)
-    if (p == 0)
+struct Required {
+  const char* name;
+  std::uintptr_t ptr;
+  i64 numel;  // an empty tensor may have a null data pointer
+};
+
+void check_required(std::initializer_list<Required> tensors) {
+  for (const auto& [name, p, numel] : tensors)
+    if (p == 0 && numel > 0)
       throw std::invalid_argument(std::string("megl._saliency_cpu: required tensor '") + name +
                                   "' got a null pointer; pass tensor.data_ptr() of a contiguous float32 tensor");
 }
 
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
+// Natural log of a float that `omp simd` loops can vectorise (libm's logf is a scalar call, and this is the pixel
+// pass's only transcendental). Cephes' logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = f - f^2/2 + f^3 P(f),
+// f = m - 1 (exact), ln 2 split in two parts. Within 1 ulp of the exact result for every positive float, subnormals
+// included (checked exhaustively); 0 -> -inf, inf -> inf, negative or NaN -> NaN.
+// Every float op runs unconditionally and cases are blended with integer masks, not selected: under -ftrapping-math
+// (the default) GCC will not if-convert a conditionally executed float op, and a branch stops vectorisation.
+inline float log_f(float x) {
+  const auto bits = [](float v) { std::uint32_t u; std::memcpy(&u, &v, sizeof u); return u; };
+  const auto from_bits = [](std::uint32_t u) { float v; std::memcpy(&v, &u, sizeof v); return v; };
+  const auto mask = [](bool b) { return 0u - static_cast<std::uint32_t>(b); };  // all ones if b
+  const std::uint32_t u = bits(x), mag = u & 0x7fffffffu;
+  const std::uint32_t sub = mask((u & 0x7f800000u) == 0);              // subnormal or zero: scale by 2^23
+  const std::uint32_t v = (bits(x * 0x1p23f) & sub) | (u & ~sub);
+  const std::uint32_t mant = v & 0x007fffffu;
+  const std::uint32_t low = mask(mant < 0x003504f3u);                  // 1.mant < sqrt(2): m = 1.mant, else 1.mant / 2
+  const float e = static_cast<float>(static_cast<std::int32_t>(((v >> 23) & 0xffu) - 126u - (low & 1u) - (sub & 23u)));
+  const float f = from_bits(mant | (0x3f000000u + (low & 0x00800000u))) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  const float r = (f + y) + 0.693359375f * e;
+  // special inputs: add -inf (x = 0), inf (x = inf) or NaN (x < 0 or NaN); otherwise add 0
+  const std::uint32_t special = (mask(mag == 0) & 0xff800000u) | (mask(u == 0x7f800000u) & 0x7f800000u) |
+                                (mask(mag > 0x7f800000u || (u >> 31 != 0 && mag != 0)) & 0x7fc00000u);
+  return r + from_bits(special);
+}
+
 // log q over the image, q = (prior + eps_kl) / sum(prior + eps_kl), evaluated in float as the reference does.
 std::vector<float> log_prior(const float* prior, float sum_q, float eps_kl, i64 n, int nt) {
   std::vector<float> logq(n);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (i64 i = 0; i < n; ++i) logq[i] = std::log((prior[i] + eps_kl) / sum_q);
+#pragma omp parallel for simd num_threads(nt) schedule(static)
+  for (i64 i = 0; i < n; ++i) logq[i] = log_f((prior[i] + eps_kl) / sum_q);
   return logq;
 }
 
@@ -99,8 +143,9 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
              std::uintptr_t cam_, std::uintptr_t stats_, int num_threads) {
   const Shape sh{B, K, h, w, C, H, W};
   check_shape(sh);
-  check_required({{"activations", A_}, {"gradients", G_}, {"image", I_}, {"saliency", s_}, {"masked", masked_},
-                  {"l1", l1_}, {"kl", kl_}, {"alpha", alpha_}, {"cam", cam_}, {"stats", stats_}});
+  check_required({{"activations", A_, B * K * h * w}, {"gradients", G_, B * K * h * w}, {"image", I_, B * C * H * W},
+                  {"saliency", s_, B * H * W}, {"masked", masked_, B * C * H * W}, {"l1", l1_, B}, {"kl", kl_, B},
+                  {"alpha", alpha_, B * K}, {"cam", cam_, B * h * w}, {"stats", stats_, B * 4}});
   if (mask_ != 0 && has_mask_ == 0)
     throw std::invalid_argument("megl._saliency_cpu.forward: mask given without has_mask; pass a (B,) bool tensor");
   const float *A = ptr<const float>(A_), *G = ptr<const float>(G_), *I = ptr<const float>(I_);
@@ -193,10 +238,13 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
       }
       if (do_kl) {
         const float* lq = logq.data() + p * W;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
         for (i64 q = 0; q < W; ++q) {
           const float pe = srow[q] + eps_kl;
-          acc_kl += static_cast<double>(pe) * (std::log(pe) - log_sp - lq[q]);
+          acc += pe * (log_f(pe) - log_sp - lq[q]);
         }
+        acc_kl += acc;
       }
     }
     part_l1[t] = acc_l1;
@@ -211,6 +259,49 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
   }
 }
 
+// One output row of the image terms of the backward: gs = grad_s + sum_c g_out I and g_I = g_out s (g_I = 0 and
+// gs = grad_s where grad_masked is absent). Row pointers at channel 0, channels `cs` apart. One fused pass per row
+// for the usual channel counts; any other C takes per-channel passes through `sum_c`.
+template <int kC>
+inline void image_terms_fixed(i64 cs, i64 W, const float* grad_s, const float* go, const float* Ir, const float* srow,
+                              float* gIr, float* gs) {
+#pragma omp simd
+  for (i64 q = 0; q < W; ++q) {
+    float acc = go[q] * Ir[q];
+    gIr[q] = go[q] * srow[q];
+    for (int c = 1; c < kC; ++c) {
+      acc += go[c * cs + q] * Ir[c * cs + q];
+      gIr[c * cs + q] = go[c * cs + q] * srow[q];
+    }
+    gs[q] = grad_s != nullptr ? grad_s[q] + acc : acc;
+  }
+}
+
+inline void image_terms(i64 C, i64 cs, i64 W, const float* grad_s, const float* go, const float* Ir, const float* srow,
+                        float* gIr, float* gs, float* sum_c) {
+  if (go == nullptr || C == 0) {
+    if (grad_s != nullptr)
+      std::memcpy(gs, grad_s, W * sizeof(float));
+    else
+      std::fill_n(gs, W, 0.0f);
+    for (i64 c = 0; c < C; ++c) std::fill_n(gIr + c * cs, W, 0.0f);
+    return;
+  }
+  if (C == 3) return image_terms_fixed<3>(cs, W, grad_s, go, Ir, srow, gIr, gs);
+  if (C == 1) return image_terms_fixed<1>(cs, W, grad_s, go, Ir, srow, gIr, gs);
+  for (i64 c = 0; c < C; ++c) {
+    const float *g = go + c * cs, *x = Ir + c * cs;
+    float* gx = gIr + c * cs;
+#pragma omp simd
+    for (i64 q = 0; q < W; ++q) {
+      sum_c[q] = (c == 0 ? 0.0f : sum_c[q]) + g[q] * x[q];
+      gx[q] = g[q] * srow[q];
+    }
+  }
+#pragma omp simd
+  for (i64 q = 0; q < W; ++q) gs[q] = grad_s != nullptr ? grad_s[q] + sum_c[q] : sum_c[q];
+}
+
 // ------------------------------------------------------------------------------------------------ backward
 // g_s = grad_s + sum_c g_out I + w_l1 sign(s - mask) + w_kl (log(p/q) - kl) / sum_p, fused with g_I = g_out s and
 // the adjoint of the upsampling. kl is not an input, so the constant -w_kl kl / sum_p is left out of the pixel
@@ -222,9 +313,10 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
               std::uintptr_t gA_, std::uintptr_t gG_, std::uintptr_t gI_, int num_threads) {
   const Shape sh{B, K, h, w, C, H, W};
   check_shape(sh);
-  check_required({{"grad_l1", grad_l1_}, {"grad_kl", grad_kl_}, {"activations", A_}, {"image", I_},
-                  {"saliency", s_}, {"alpha", alpha_}, {"cam", cam_}, {"stats", stats_}, {"grad_activations", gA_},
-                  {"grad_gradients", gG_}, {"grad_image", gI_}});
+  check_required({{"grad_l1", grad_l1_, B}, {"grad_kl", grad_kl_, B}, {"activations", A_, B * K * h * w},
+                  {"image", I_, B * C * H * W}, {"saliency", s_, B * H * W}, {"alpha", alpha_, B * K},
+                  {"cam", cam_, B * h * w}, {"stats", stats_, B * 4}, {"grad_activations", gA_, B * K * h * w},
+                  {"grad_gradients", gG_, B * K * h * w}, {"grad_image", gI_, B * C * H * W}});
   if (mask_ != 0 && has_mask_ == 0)
     throw std::invalid_argument("megl._saliency_cpu.backward: mask given without has_mask; pass a (B,) bool tensor");
   const float *grad_s = ptr<const float>(grad_s_), *grad_masked = ptr<const float>(grad_masked_);
@@ -250,68 +342,48 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
   const std::vector<float> logq =
       any_kl ? log_prior(prior, stats[3], eps_kl, HW, nt) : std::vector<float>();  // sum_q: same for every b
 
-  // Pixel pass: per task, g_s rows are folded into gh (h x W, rows weighted by the y taps) and then along x into
-  // a per-task low-res partial (h x w). Doubles: g_s terms of opposite sign largely cancel in these sums.
+  // Pixel pass: per task, g_s rows are folded into gh (h x W, rows weighted by the y taps; at most kRowsPerTask
+  // terms each, float) and then along x into a per-task low-res partial (h x w, double: thousands of terms).
   std::vector<double> part_gn(B * T * hw, 0.0), part_kl(B * T, 0.0);
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> gs(W), sum_c(W);
-    std::vector<double> gh(h * W);
+    std::vector<float> gh(h * W);
 #pragma omp for schedule(dynamic)
     for (i64 t = 0; t < B * T; ++t) {
       const i64 b = t / T, p0 = (t % T) * kRowsPerTask, p1 = std::min(p0 + kRowsPerTask, H);
       const i64 ya = ty.i0[p0], yb = ty.i1[p1 - 1];  // low-res rows this task touches
-      std::fill(gh.begin() + ya * W, gh.begin() + (yb + 1) * W, 0.0);
+      std::fill(gh.begin() + ya * W, gh.begin() + (yb + 1) * W, 0.0f);
       const float wl1 = w_l1[b], ckl = c_kl[b];
       const float log_sp = ckl != 0.0f ? std::log(stats[b * 4 + 2]) : 0.0f;
       double acc_kl = 0.0;
       for (i64 p = p0; p < p1; ++p) {
         const float* srow = s + (b * H + p) * W;
-        if (grad_s != nullptr)
-          std::memcpy(gs.data(), grad_s + (b * H + p) * W, W * sizeof(float));
-        else
-          std::fill(gs.begin(), gs.end(), 0.0f);
-        if (grad_masked != nullptr) {
-          for (i64 c = 0; c < C; ++c) {
-            const i64 off = ((b * C + c) * H + p) * W;
-            const float *go = grad_masked + off, *Ir = I + off;
-            float* gIr = gI + off;
-            if (c == 0) {
-#pragma omp simd
-              for (i64 q = 0; q < W; ++q) sum_c[q] = go[q] * Ir[q];
-            } else {
-#pragma omp simd
-              for (i64 q = 0; q < W; ++q) sum_c[q] += go[q] * Ir[q];
-            }
-#pragma omp simd
-            for (i64 q = 0; q < W; ++q) gIr[q] = go[q] * srow[q];
-          }
-          if (C > 0) {
-#pragma omp simd
-            for (i64 q = 0; q < W; ++q) gs[q] += sum_c[q];
-          }
-        } else {
-          for (i64 c = 0; c < C; ++c) std::fill_n(gI + ((b * C + c) * H + p) * W, W, 0.0f);
-        }
+        image_terms(C, H * W, W, grad_s == nullptr ? nullptr : grad_s + (b * H + p) * W,
+                    grad_masked == nullptr ? nullptr : grad_masked + (b * C * H + p) * W, I + (b * C * H + p) * W,
+                    srow, gI + (b * C * H + p) * W, gs.data(), sum_c.data());
         if (wl1 != 0.0f) {
           const float* mrow = mask + (b * H + p) * W;
 #pragma omp simd
           for (i64 q = 0; q < W; ++q) {
             const float d = srow[q] - mrow[q];
-            gs[q] += wl1 * static_cast<float>((d > 0.0f) - (d < 0.0f));
+            gs[q] += d > 0.0f ? wl1 : d < 0.0f ? -wl1 : 0.0f;  // wl1 * sign(d), sign(0) = 0 as torch.sign
           }
         }
         if (ckl != 0.0f) {
           const float* lq = logq.data() + p * W;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
           for (i64 q = 0; q < W; ++q) {
             const float pe = srow[q] + eps_kl;
-            const float logpq = std::log(pe) - log_sp - lq[q];
-            acc_kl += static_cast<double>(pe) * logpq;
+            const float logpq = log_f(pe) - log_sp - lq[q];
+            acc += pe * logpq;
             gs[q] += ckl * logpq;
           }
+          acc_kl += acc;
         }
-        double *g0 = gh.data() + ty.i0[p] * W, *g1 = gh.data() + ty.i1[p] * W;
-        const double wy0 = ty.w0[p], wy1 = ty.w1[p];
+        float *g0 = gh.data() + ty.i0[p] * W, *g1 = gh.data() + ty.i1[p] * W;
+        const float wy0 = ty.w0[p], wy1 = ty.w1[p];
 #pragma omp simd
         for (i64 q = 0; q < W; ++q) g0[q] += wy0 * gs[q];
 #pragma omp simd
@@ -319,7 +391,7 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
       }
       double* part = part_gn.data() + t * hw;
       for (i64 y = ya; y <= yb; ++y) {
-        const double* g = gh.data() + y * W;
+        const float* g = gh.data() + y * W;
         double* py = part + y * w;
         for (i64 q = 0; q < W; ++q) {
           py[tx.i0[q]] += tx.w0[q] * g[q];

@@ -15,8 +15,13 @@
 //   fwd_cam_kernel       one block per sample: alpha (warp per k), z (split-k over the block), min/max of
 //                        c = relu(z), n = (c - m) / (M - m + eps) into the workspace (B, h, w).
 //   fwd_pixel_kernel     grid (tiles, B): s = bilinear(n), masked = I * s, and per-block partial sums of
-//                        |s - mask|, s + eps_kl, (s + eps_kl) log((s + eps_kl) / (prior + eps_kl)), prior + eps_kl.
+//                        |s - mask|, Sp = sum(s + eps_kl) and (sample 0's blocks) Sq = sum(prior + eps_kl).
+//   fwd_kl_kernel        (only with a prior) grid (tiles, B): reduces Sp, Sq from the partials, then partial sums
+//                        of p log(p / q), p = (s + eps_kl) / Sp, q = (prior + eps_kl) / Sq, s recomputed from n.
 //   fwd_finalize_kernel  one block per sample: reduces the partials in tile order -> l1, kl, stats[2:4].
+// Why a second pass for KL: the one-pass form kl = (1/Sp) sum (s+e) log((s+e)/(prior+e)) + log(Sq/Sp) needs
+// no global Sp first, but it subtracts two terms of size |log eps_kl| ~ 18 to get kl (e.g. 0.3 where s ~ 0),
+// losing ~1e-5 absolute in float32; with Sp, Sq known every term p log(p/q) is small, as in torch_explicit.
 // Backward:
 //   bwd_pixel_kernel     grid (tiles, B): g_s (all terms but the per-sample constant -coef * kl of the KL term),
 //                        gI, and per-block partials of kl = sum p log(p / q) (recomputed from the stored s, as
@@ -54,7 +59,6 @@ constexpr int NT_CAM = 512;     // fwd_cam_kernel: one block per sample
 constexpr int NT_PIX = 256;     // pixel kernels
 constexpr int PIX_PER_THREAD = 4;
 constexpr int MAX_TILES = 1024;  // pixel blocks per sample; beyond this the grid-stride loop takes over
-constexpr int NT_FIN = 128;     // fwd_finalize_kernel
 constexpr int NT_WARPS = 256;   // warp-per-item kernels (gather, gradk): 8 warps a block
 constexpr int NT_CELL = 256;    // bwd_cell_kernel
 constexpr int MAX_GRID_Y = 65535;
@@ -96,7 +100,7 @@ struct FwdArgs {
   float* cam;
   float* stats;
   float* nbuf;      // workspace (B, h, w): normalised low-res map n
-  float* partials;  // workspace (B, tiles, 4)
+  float* partials;  // workspace (B, tiles, 4): [sum |s - mask|, Sp, Sq (sample 0 only), sum p log(p/q)]
 };
 
 template <typename T>
@@ -208,14 +212,27 @@ __host__ __device__ __forceinline__ bool sample_has_mask(const uint8_t* has_mask
   return has_mask != nullptr && has_mask[b] != 0;
 }
 
+// s at output pixel q of sample b, from the normalised low-res map n (B, h, w).
+__host__ __device__ __forceinline__ float saliency_at(const float* nbuf, const Dims& d, int64_t b, int q) {
+  const int y = q / d.W, x = q - y * d.W;
+  return bilerp(nbuf + b * d.hw, d.w, lerp_taps(y, d.sh, d.h), lerp_taps(x, d.sw, d.w));
+}
+
+// p log(p / q) at one pixel, p = (s + eps_kl) / Sp, q = (prior + eps_kl) / Sq. One log of the ratio (torch_explicit
+// takes log p - log q: the same up to rounding, and this keeps full relative precision when p ~ q).
+__host__ __device__ __forceinline__ float kl_term(float s, float prior, float eps_kl, float Sp, float Sq, float& lpq) {
+  const float p = (s + eps_kl) / Sp;
+  const float q = (prior + eps_kl) / Sq;
+  lpq = logf(p / q);
+  return p * lpq;
+}
+
 // One output pixel q of sample b: writes s and masked, accumulates the forward's partial sums
-// v[0] += |s - mask|, v[1] += s + eps_kl, v[2] += (s + eps_kl) (log(s + eps_kl) - log(prior + eps_kl)),
-// v[3] += prior + eps_kl (only when with_q).
+// v[0] += |s - mask| (do_l1), v[1] += s + eps_kl, v[2] += prior + eps_kl (with_q).
 template <typename T>
 __host__ __device__ __forceinline__ void fwd_pixel(const FwdArgs<T>& a, const Dims& d, int64_t b, int q, bool do_l1,
-                                                   bool do_kl, bool with_q, float v[4]) {
-  const int y = q / d.W, x = q - y * d.W;
-  const float s = bilerp(a.nbuf + b * d.hw, d.w, lerp_taps(y, d.sh, d.h), lerp_taps(x, d.sw, d.w));
+                                                   bool with_q, float (&v)[3]) {
+  const float s = saliency_at(a.nbuf, d, b, q);
   const int64_t pix = b * d.HW + q;
   a.s[pix] = from_f<T>(s);
   for (int c = 0; c < d.C; ++c) {
@@ -223,21 +240,15 @@ __host__ __device__ __forceinline__ void fwd_pixel(const FwdArgs<T>& a, const Di
     a.masked[idx] = from_f<T>(to_f(a.I[idx]) * s);  // fp32 s, as torch_explicit (not the rounded one)
   }
   if (do_l1) v[0] += fabsf(s - a.mask[pix]);
-  const float sp = s + a.eps_kl;
-  v[1] += sp;
-  if (do_kl) v[2] += sp * (logf(sp) - logf(a.prior[q] + a.eps_kl));
-  if (with_q) v[3] += a.prior[q] + a.eps_kl;
+  v[1] += s + a.eps_kl;
+  if (with_q) v[2] += a.prior[q] + a.eps_kl;
 }
 
-// KL from the forward's sums, one pass: with p = (s+e)/Sp, q = (prior+e)/Sq, Sp = sum(s+e), Sq = sum(prior+e),
-//   kl = sum p (log p - log q) = (1/Sp) sum (s+e) [log(s+e) - log(prior+e)] - log Sp + log Sq
-// (the log Sp, log Sq terms factor out because sum p = 1). T1 = sum (s+e)(log(s+e) - log(prior+e)).
-// log(Sq / Sp) as one log keeps the two large logs from cancelling.
-__host__ __device__ __forceinline__ void finalize_sample(float sum_l1, float sp, float t1, float sq, bool do_l1,
+__host__ __device__ __forceinline__ void finalize_sample(float sum_l1, float sp, float sq, float sum_kl, bool do_l1,
                                                          bool do_kl, bool has_prior, int HW, float* l1, float* kl,
                                                          float* stats) {
   *l1 = do_l1 ? sum_l1 / (float)HW : 0.f;
-  *kl = do_kl ? t1 / sp + logf(sq / sp) : 0.f;
+  *kl = do_kl ? sum_kl : 0.f;
   stats[2] = sp;
   stats[3] = has_prior ? sq : 0.f;
 }
@@ -288,10 +299,8 @@ __host__ __device__ __forceinline__ void bwd_pixel(const BwdArgs<T>& a, const Di
     g += sc.w_l1 * (float)((df > 0.f) - (df < 0.f));  // torch.sign: 0 at equality
   }
   if (sc.do_kl) {
-    const float p = (sv + a.eps_kl) / sc.Sp;
-    const float qq = (a.prior[q] + a.eps_kl) / sc.Sq;
-    const float lpq = logf(p) - logf(qq);
-    kl_acc += p * lpq;
+    float lpq;
+    kl_acc += kl_term(sv, a.prior[q], a.eps_kl, sc.Sp, sc.Sq, lpq);
     g += sc.coef * lpq;
   }
   a.gsw[pix] = g;
@@ -299,7 +308,7 @@ __host__ __device__ __forceinline__ void bwd_pixel(const BwdArgs<T>& a, const Di
 
 // Min-max normalisation backward, per cell (d = M - m + eps, n = (c - m) / d):
 //   g_m = sum g_n (n - 1) / d,  g_M = -sum g_n n / d,  counts of cells at the min / max (ties split evenly).
-__host__ __device__ __forceinline__ void cell_terms(float z, float gn, float m, float M, float dd, float v[4]) {
+__host__ __device__ __forceinline__ void cell_terms(float z, float gn, float m, float M, float dd, float (&v)[4]) {
   const float c = fmaxf(z, 0.f);
   const float n = (c - m) / dd;
   v[0] += (gn * (n - 1.f)) / dd;
@@ -309,7 +318,7 @@ __host__ __device__ __forceinline__ void cell_terms(float z, float gn, float m, 
 }
 
 // g_z = [z > 0] (g_n / d + g_m [c == m] / #min + g_M [c == M] / #max)
-__host__ __device__ __forceinline__ float cell_gz(float z, float gn, float m, float M, float dd, const float v[4]) {
+__host__ __device__ __forceinline__ float cell_gz(float z, float gn, float m, float M, float dd, const float (&v)[4]) {
   const float c = fmaxf(z, 0.f);
   const float gc = gn / dd + (c == m && v[2] > 0.f ? v[0] / v[2] : 0.f) + (c == M && v[3] > 0.f ? v[1] / v[3] : 0.f);
   return z > 0.f ? gc : 0.f;
@@ -364,6 +373,16 @@ __device__ __forceinline__ void block_minmax(float& lo, float& hi, float* sh) {
     lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
     hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
   }
+}
+
+// Sum of one slot of sample b's per-tile partials, in a fixed order: every block that calls this with the same
+// NT gets the same bits (fwd_kl_kernel and fwd_finalize_kernel both need Sp and Sq).
+template <int NT>
+__device__ __forceinline__ float reduce_tiles(const float* partials, int64_t b, int tiles, int slot, float* sh) {
+  float v[1] = {0.f};
+  for (int t = threadIdx.x; t < tiles; t += NT) v[0] += partials[(b * tiles + t) * 4 + slot];
+  block_sum<NT, 1>(v, sh);
+  return v[0];
 }
 
 // ----------------------------------------------------------------------------------------- forward kernels
@@ -425,41 +444,52 @@ __global__ void __launch_bounds__(NT) fwd_cam_kernel(FwdArgs<T> a, Dims d) {
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(NT) fwd_pixel_kernel(FwdArgs<T> a, Dims d) {
-  __shared__ float red[4 * (NT / 32)];
+  __shared__ float red[3 * (NT / 32)];
   for (int64_t b = blockIdx.y; b < d.B; b += gridDim.y) {  // block-uniform
-    const bool hm = sample_has_mask(a.has_mask, b);
-    const bool do_l1 = a.mask != nullptr && hm, do_kl = a.prior != nullptr && !hm;
+    const bool do_l1 = a.mask != nullptr && sample_has_mask(a.has_mask, b);
     const bool with_q = b == 0 && a.prior != nullptr;  // sum(prior + eps_kl) is the same for all samples
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    float v[3] = {0.f, 0.f, 0.f};
     // int is safe: make_dims() checks HW + tiles * NT fits
-    for (int q = blockIdx.x * NT + threadIdx.x; q < d.HW; q += d.tiles * NT) fwd_pixel(a, d, b, q, do_l1, do_kl, with_q, v);
-    block_sum<NT, 4>(v, red);
+    for (int q = blockIdx.x * NT + threadIdx.x; q < d.HW; q += d.tiles * NT) fwd_pixel(a, d, b, q, do_l1, with_q, v);
+    block_sum<NT, 3>(v, red);
     if (threadIdx.x == 0) {
       float* out = a.partials + (b * d.tiles + blockIdx.x) * 4;
       out[0] = v[0];
       out[1] = v[1];
       out[2] = v[2];
-      out[3] = v[3];
+      out[3] = 0.f;  // fwd_kl_kernel's slot; 0 where it does not run
     }
   }
 }
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(NT) fwd_finalize_kernel(FwdArgs<T> a, Dims d) {
-  __shared__ float red[4 * (NT / 32)];
-  const int64_t b = blockIdx.x;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int t = threadIdx.x; t < d.tiles; t += NT) {
-    const float* pp = a.partials + (b * d.tiles + t) * 4;
-    v[0] += pp[0];
-    v[1] += pp[1];
-    v[2] += pp[2];
-    v[3] += a.partials[(int64_t)t * 4 + 3];  // sample 0's blocks hold the prior sum
+__global__ void __launch_bounds__(NT) fwd_kl_kernel(FwdArgs<T> a, Dims d) {
+  __shared__ float red[NT / 32];
+  for (int64_t b = blockIdx.y; b < d.B; b += gridDim.y) {  // block-uniform
+    if (sample_has_mask(a.has_mask, b)) continue;          // kl is 0 for annotated samples
+    const float Sp = reduce_tiles<NT>(a.partials, b, d.tiles, 1, red);
+    const float Sq = reduce_tiles<NT>(a.partials, 0, d.tiles, 2, red);
+    float v[1] = {0.f};
+    float lpq;
+    for (int q = blockIdx.x * NT + threadIdx.x; q < d.HW; q += d.tiles * NT)
+      v[0] += kl_term(saliency_at(a.nbuf, d, b, q), a.prior[q], a.eps_kl, Sp, Sq, lpq);
+    block_sum<NT, 1>(v, red);
+    // slot 3 is read by fwd_finalize_kernel only (a later launch): no block of this kernel reads it
+    if (threadIdx.x == 0) a.partials[(b * d.tiles + blockIdx.x) * 4 + 3] = v[0];
   }
-  block_sum<NT, 4>(v, red);
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(NT) fwd_finalize_kernel(FwdArgs<T> a, Dims d) {
+  __shared__ float red[NT / 32];
+  const int64_t b = blockIdx.x;
+  const float sum_l1 = reduce_tiles<NT>(a.partials, b, d.tiles, 0, red);
+  const float Sp = reduce_tiles<NT>(a.partials, b, d.tiles, 1, red);
+  const float Sq = reduce_tiles<NT>(a.partials, 0, d.tiles, 2, red);  // sample 0's blocks hold the prior sums
+  const float sum_kl = reduce_tiles<NT>(a.partials, b, d.tiles, 3, red);
   if (threadIdx.x == 0) {
     const bool hm = sample_has_mask(a.has_mask, b);
-    finalize_sample(v[0], v[1], v[2], v[3], a.mask != nullptr && hm, a.prior != nullptr && !hm, a.prior != nullptr,
+    finalize_sample(sum_l1, Sp, Sq, sum_kl, a.mask != nullptr && hm, a.prior != nullptr && !hm, a.prior != nullptr,
                     d.HW, a.l1 + b, a.kl + b, a.stats + b * 4);
   }
 }
@@ -592,25 +622,17 @@ void require_all(std::initializer_list<std::pair<std::uintptr_t, const char*>> p
     if (p == 0) fail(std::string(name) + " is a null pointer; it is required (pass tensor.data_ptr())");
 }
 
-// Makes `device` current for the launches and restores the previous device afterwards. The extension links its
-// own (static) CUDA runtime, so it cannot rely on torch's device guard having set this runtime's device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    set_ = prev_ != device;
-  }
-  ~DeviceGuard() {
-    if (set_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-  bool set_ = false;
-};
+// Makes `device` current in this extension's own (static) CUDA runtime, which does not see torch's device guard
+// as state of its own. Both runtimes use the device's primary context, and the glue calls this inside
+// `with torch.cuda.device(device)`, so this only re-asserts what torch already made current: nothing to restore
+// (restoring a stale "previous" device of this runtime would switch torch's context under it).
+void use_device(int device) {
+  int count = 0;
+  check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (device < 0 || device >= count)
+    fail("device index " + std::to_string(device) + " is out of range (" + std::to_string(count) + " CUDA devices visible)");
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
 
 void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
@@ -625,7 +647,12 @@ void launch_forward(const FwdArgs<T>& a, const Dims& d, cudaStream_t st) {
   check_launch("fwd_cam_kernel");
   fwd_pixel_kernel<T, NT_PIX><<<dim3((unsigned)d.tiles, grid_y(d.B)), NT_PIX, 0, st>>>(a, d);
   check_launch("fwd_pixel_kernel");
-  fwd_finalize_kernel<T, NT_FIN><<<(unsigned)d.B, NT_FIN, 0, st>>>(a, d);
+  if (a.prior != nullptr) {
+    fwd_kl_kernel<T, NT_PIX><<<dim3((unsigned)d.tiles, grid_y(d.B)), NT_PIX, 0, st>>>(a, d);
+    check_launch("fwd_kl_kernel");
+  }
+  // same NT as fwd_kl_kernel: reduce_tiles() then gives it the same Sp, Sq bits
+  fwd_finalize_kernel<T, NT_PIX><<<(unsigned)d.B, NT_PIX, 0, st>>>(a, d);
   check_launch("fwd_finalize_kernel");
 }
 
@@ -696,14 +723,15 @@ void forward_py(int dtype, int64_t B, int64_t K, int64_t h, int64_t w, int64_t C
   const Dims d = make_dims(B, K, h, w, C, H, W);
   check_dtype(dtype);
   if (B == 0) return;
-  require_all({{A, "activations"}, {G, "gradients"}, {I, "image"}, {s, "saliency"}, {masked, "masked"}, {l1, "l1"},
-               {kl, "kl"}, {alpha, "alpha"}, {cam, "cam"}, {stats, "stats"}, {workspace, "workspace"}});
+  require_all({{s, "saliency"}, {l1, "l1"}, {kl, "kl"}, {cam, "cam"}, {stats, "stats"}, {workspace, "workspace"}});
+  if (K > 0) require_all({{A, "activations"}, {G, "gradients"}, {alpha, "alpha"}});  // K = 0: empty tensors
+  if (C > 0) require_all({{I, "image"}, {masked, "masked"}});
   check_common(mask, has_mask);
   if (workspace_numel < forward_workspace(B, K, h, w, C, H, W)) fail("workspace too small; size it with forward_workspace()");
   float* ws = mptr<float>(workspace);
   float* nbuf = ws;
   float* partials = ws + B * d.hw;
-  DeviceGuard guard(device);
+  use_device(device);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case 0: launch_forward(fwd_args<float>(A, G, I, mask, has_mask, prior, eps, eps_kl, s, masked, l1, kl, alpha, cam, stats, nbuf, partials), d, st); break;
@@ -723,16 +751,17 @@ void backward_py(int dtype, int64_t B, int64_t K, int64_t h, int64_t w, int64_t 
   const Dims d = make_dims(B, K, h, w, C, H, W);
   check_dtype(dtype);
   if (B == 0) return;
-  require_all({{grad_l1, "grad_l1"}, {grad_kl, "grad_kl"}, {A, "activations"}, {I, "image"}, {s, "saliency"},
-               {alpha, "alpha"}, {cam, "cam"}, {stats, "stats"}, {gA, "grad_activations"}, {gG, "grad_gradients"},
-               {gI, "grad_image"}, {workspace, "workspace"}});
+  require_all({{grad_l1, "grad_l1"}, {grad_kl, "grad_kl"}, {s, "saliency"}, {cam, "cam"}, {stats, "stats"},
+               {workspace, "workspace"}});
+  if (K > 0) require_all({{A, "activations"}, {alpha, "alpha"}, {gA, "grad_activations"}, {gG, "grad_gradients"}});
+  if (C > 0) require_all({{I, "image"}, {gI, "grad_image"}});
   check_common(mask, has_mask);
   if (workspace_numel < backward_workspace(B, K, h, w, C, H, W)) fail("workspace too small; size it with backward_workspace()");
   float* ws = mptr<float>(workspace);
   float* gsw = ws;
   float* gn = gsw + B * d.HW;
   float* partials = gn + B * d.hw;
-  DeviceGuard guard(device);
+  use_device(device);
   const auto st = reinterpret_cast<cudaStream_t>(stream);
 #define MEGL_BWD_ARGS(T) \
   bwd_args<T>(grad_s, grad_masked, grad_l1, grad_kl, A, I, mask, has_mask, prior, s, alpha, cam, stats, eps, eps_kl, gA, gG, gI, gsw, gn, partials)
@@ -790,13 +819,26 @@ void host_forward_py(int64_t B, int64_t K, int64_t h, int64_t w, int64_t C, int6
     for (int ij = 0; ij < d.hw; ++ij) a.nbuf[b * d.hw + ij] = (std::max(a.cam[b * d.hw + ij], 0.f) - lo) / dd;
     const bool hm = sample_has_mask(a.has_mask, b);
     const bool do_l1 = a.mask != nullptr && hm, do_kl = a.prior != nullptr && !hm;
-    double tot[3] = {0.0, 0.0, 0.0};
+    double tot[2] = {0.0, 0.0};
     for (int y = 0; y < d.H; ++y) {
-      float v[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int x = 0; x < d.W; ++x) fwd_pixel(a, d, b, y * d.W + x, do_l1, do_kl, false, v);
-      for (int i = 0; i < 3; ++i) tot[i] += v[i];
+      float v[3] = {0.f, 0.f, 0.f};
+      for (int x = 0; x < d.W; ++x) fwd_pixel(a, d, b, y * d.W + x, do_l1, false, v);
+      tot[0] += v[0];
+      tot[1] += v[1];
     }
-    finalize_sample((float)tot[0], (float)tot[1], (float)tot[2], (float)sq, do_l1, do_kl, a.prior != nullptr, d.HW,
+    double kl = 0.0;
+    if (do_kl) {
+      float lpq;
+      for (int y = 0; y < d.H; ++y) {
+        float row = 0.f;
+        for (int x = 0; x < d.W; ++x) {
+          const int q = y * d.W + x;
+          row += kl_term(saliency_at(a.nbuf, d, b, q), a.prior[q], a.eps_kl, (float)tot[1], (float)sq, lpq);
+        }
+        kl += row;
+      }
+    }
+    finalize_sample((float)tot[0], (float)tot[1], (float)sq, (float)kl, do_l1, do_kl, a.prior != nullptr, d.HW,
                     a.l1 + b, a.kl + b, a.stats + b * 4);
   }
 }

@@ -127,21 +127,27 @@ def _is_llava_reference(r: Row) -> bool:
 
 def table5(rows: list[Row]) -> str:
     out = []
-    for key, rs in _grouped([r for r in rows if r.get("suite") == "table5"], _dtype_key).items():
+    # One section per device: the LLaVA row may run in another dtype than the classifiers (bf16 on a small host)
+    t5 = [r for r in rows if r.get("suite") == "table5"]
+    for key, rs in _grouped(t5, lambda r: r.get("device_name") or r.get("device", "?")).items():
         rs.sort(key=lambda r: (_T5_ORDER.get(r.get("model"), 5), r.get("variant") != "eager", r.get("label", "")))
+        dtypes = list(OrderedDict.fromkeys(r.get("dtype", "?") for r in rs))
         ref = next((r for r in rs if _is_llava_reference(r)), None)
         ref_fps = ratio(ref.get("batch", 1), ref["seconds"]) if ref else None
         body = []
         for r in rs:
             fps = ratio(r.get("batch", 1), r["seconds"])
             name = r.get("label") or _T5_NAMES.get(r.get("model"), r.get("model", r["name"]))
+            if len(dtypes) > 1:
+                name += f" [{r.get('dtype', '?')}]"
             if r is ref:
                 speed = "1.00× (reference)"
             else:
                 speed = fmt_ratio(ratio(fps, ref_fps)) if ref_fps else "—"
             body.append([name, fmt_params(r.get("params")), fmt_ms(r["seconds"]), fmt_rate(fps), speed])
         batch = rs[0].get("batch", 1)
-        out.append(f"### Table 5 — {_setting(rs[0], f'batch {batch}')}\n")
+        head = dict(rs[0], dtype=" + ".join(dtypes))
+        out.append(f"### Table 5 — {_setting(head, f'batch {batch}')}\n")
         out.append(table(["Model", "Parameters", "Latency (ms)", "FPS", "Speedup"], body))
         notes = []
         if ref is None:
@@ -170,19 +176,19 @@ def explained_table(rows: list[Row]) -> str:
     out = []
     for key, grp in _grouped(rs, _dtype_key).items():
         body = []
-        by_model = _grouped(grp, lambda r: r.get("model"))
-        for model, mrs in sorted(by_model.items(), key=lambda kv: _T5_ORDER.get(kv[0], 5)):
+        by_model = _grouped(grp, lambda r: (r.get("model"), r.get("impl", "")))
+        for (model, impl), mrs in sorted(by_model.items(), key=lambda kv: (_T5_ORDER.get(kv[0][0], 5), kv[0][1])):
             cls = next((r for r in mrs if r.get("mode") == "classifier"), None)
             exp = next((r for r in mrs if r.get("mode") == "classifier+saliency"), None)
             tc, te = (cls or {}).get("seconds"), (exp or {}).get("seconds")
             over = None if tc is None or te is None else te - tc
             over_s = "—" if over is None else f"{fmt_ms(over) if over >= 0 else '-' + fmt_ms(-over)} ms ({100 * over / tc:+.0f}%)"
             batch = mrs[0].get("batch", 1)
-            body.append([_T5_NAMES.get(model, model), fmt_ms(tc), fmt_ms(te), over_s,
+            body.append([_T5_NAMES.get(model, model), impl or "—", fmt_ms(tc), fmt_ms(te), over_s,
                          fmt_rate(ratio(batch, tc)), fmt_rate(ratio(batch, te))])
         batch = grp[0].get("batch", 1)
         out.append(f"### Explained inference — {_setting(grp[0], f'batch {batch}')}\n")
-        out.append(table(["Model", "Classifier (ms)", "Classifier + saliency (ms)", "Overhead", "FPS", "FPS explained"], body))
+        out.append(table(["Model", "Implementation", "Classifier (ms)", "Classifier + saliency (ms)", "Overhead", "FPS", "FPS explained"], body))
         out.append("")
     return "\n".join(out)
 

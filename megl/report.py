@@ -177,6 +177,7 @@ body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #bbb; padding: 3px 8px; text-align: right; font-size: 13px; }}
 th {{ background: #eee; }}
+td:first-child, th:first-child {{ text-align: left; }}
 .card {{ border: 1px solid #ccc; border-radius: 6px; padding: 8px 12px; margin: 12px 0; }}
 .card h3 {{ margin: 2px 0 6px; font-size: 15px; }}
 .figs {{ display: flex; gap: 10px; }}

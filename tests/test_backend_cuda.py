@@ -126,9 +126,13 @@ def grad_scales(gA_ref, A, alpha):
 
 def compare_forward(got, ref, tol=2e-5):
     names = ("saliency", "masked", "l1", "kl", "alpha", "cam", "stats")
+    # l1, kl and stats are fp32 sums over H*W pixels in a different order on each side: their rounding
+    # difference grows like sqrt(H*W) ulps (about 1.8e-5 relative at 224 x 224), so the bound grows with it
+    n_pix = got[0].shape[-1] * got[0].shape[-2]
+    reduced_tol = max(tol, 4e-7 * n_pix ** 0.5)
     for name, a, e in zip(names, got, ref):
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
-        assert_close(a, e, name, tol)
+        assert_close(a, e, name, reduced_tol if name in ("l1", "kl", "stats") else tol)
 
 
 def compare_backward(got, ref, A, alpha, tol=2e-5):
@@ -219,8 +223,13 @@ def _check_host(shape, case, grads_given=(True, True)):
     compare_backward(hback, rback, inputs[0], alpha)
 
 
+# torch_explicit on CPU is the slow side here (~1 s a 224x224 shape on a busy runner): 224 x 224 is sampled
+HOST_SHAPES = [s for s in SHAPES if s[5] == 33] + [
+    (1, 7, 7, 7, 3, 224, 224), (3, 64, 5, 9, 3, 224, 224), (1, 1, 1, 1, 3, 224, 224)] + BIG_SHAPES[1:]
+
+
 @needs_ext
-@pytest.mark.parametrize("shape", SHAPES + BIG_SHAPES[1:], ids=str)
+@pytest.mark.parametrize("shape", HOST_SHAPES, ids=str)
 def test_host_emulation_matches_torch_shapes(shape):
     _check_host(shape, "random")
 

@@ -231,7 +231,14 @@ def test_converter_errors(tmp_path, vqax_raw):
     main(_vqax_args(vqax_raw, out, "--min-count", "1"))
     with pytest.raises(SystemExit, match="exists: pass --overwrite"):
         main(_vqax_args(vqax_raw, out))
-    assert main(_vqax_args(vqax_raw, out, "--overwrite")) == 0
+    (out / "images" / "stale.jpg").write_bytes(b"x")
+    assert main(_vqax_args(vqax_raw, out, "--overwrite", "--min-count", "2")) == 0
+    assert not (out / "images" / "stale.jpg").exists()
+    with pytest.raises(SystemExit, match="no sample survived"):  # default --min-count 10 leaves nothing
+        main(_vqax_args(vqax_raw, tmp_path / "none"))
+    assert not (tmp_path / "none").exists()  # nothing written
+    with pytest.raises(SystemExit, match="give the VQA v2 --questions and --annotations"):
+        main(["vqax", "--exp", vqax_raw["train"], "--images", vqax_raw["coco"][0], "--out", str(tmp_path / "o4")])
     with pytest.raises(SystemExit, match="VQA v2 question file"):
         main(["vqax", "--exp", vqax_raw["train"], "--questions", vqax_raw["annotations"], "--images",
               vqax_raw["coco"][0], "--out", str(tmp_path / "o3")])

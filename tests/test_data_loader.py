@@ -103,6 +103,16 @@ def test_round_trip_synthetic_disk_loader(synth, synth_root):
     assert np.load(some).dtype == np.uint8
 
 
+def test_synthetic_cli_writes_a_loadable_dataset(tmp_path, capsys):
+    args = ["--n-train", "12", "--n-val", "4", "--n-test", "4", "--num-classes", "9", "--mask-fraction", "0.5"]
+    assert sy.main(args + ["--out", str(tmp_path / "d")]) == 0
+    assert "| **synthetic** | 20 | 20 | 14 | 9 |" in capsys.readouterr().out
+    sp = load_splits(tmp_path / "d", image_size=64)
+    assert sp["train"].num_images == 12 and sp["train"].num_classes == 9 and int(sp["train"].has_masks.sum()) == 6
+    with pytest.raises(FileExistsError, match="overwrite"):
+        sy.main(args + ["--out", str(tmp_path / "d")])
+
+
 def test_masks_are_resized_with_their_image(synth, synth_root):
     small = load_splits(synth_root, image_size=32)
     a, b = synth["val"], small["val"]

@@ -160,7 +160,7 @@ def test_sizes_classes_and_mask_fraction_are_parameters():
 @pytest.mark.parametrize("kw, word", [
     ({"num_classes": 1}, "num_classes"), ({"num_classes": 99}, "num_classes"), ({"mask_fraction": 1.5}, "mask_fraction"),
     ({"decoy_strength": -0.1}, "decoy_strength"), ({"image_size": 16}, "image_size"), ({"n_train": 0}, "sizes"),
-    ({"decoy_corner": "middle"}, "decoy_corner"),
+    ({"decoy_corner": "middle"}, "decoy_corner"), ({"min_object_size": 0.3}, "object sizes"),
 ])
 def test_config_validation(kw, word):
     with pytest.raises(ValueError, match=word):

@@ -412,13 +412,13 @@ def _config(**kw):
     return Config(**{"image_size": 32, "backbone": "resnet18", "saliency_backend": "reference", **kw})
 
 
-@pytest.mark.parametrize("maxpool,train", [(True, False), (False, True)])
-def test_cd_sums_to_megl_resnet18_classifier_logits(maxpool, train):
+@pytest.mark.parametrize("maxpool,stride,train", [(True, 2, False), (False, 1, True), (True, 1, True)])
+def test_cd_sums_to_megl_resnet18_classifier_logits(maxpool, stride, train):
     from megl.losses.cdep import _resnet_and_input
     from megl.models import build_classifier
 
     torch.manual_seed(0)
-    clf = build_classifier(_config(resnet_stem_maxpool=maxpool), 3).double().train(train)
+    clf = build_classifier(_config(resnet_stem_maxpool=maxpool, resnet_layer4_stride=stride), 3).double().train(train)
     image = torch.rand(2, 3, 32, 32, dtype=DT)
     with torch.no_grad():
         logits = clf(image).logits
@@ -441,8 +441,71 @@ def test_cdep_on_megl_vit_is_a_clear_error():
 def test_res_l_setup_on_megl_resnet18():
     from megl.models import build_classifier
 
-    clf = build_classifier(_config(image_size=64, resnet_stem_maxpool=False), 2)
+    clf = build_classifier(_config(image_size=64, resnet_stem_maxpool=False, resnet_layer4_stride=2), 2)
     module = setup_res_l(clf, _config(image_size=64))
     assert clf.res_imputation is module and setup_res_l(clf, _config(image_size=64)) is module
+    assert clf.grid == (4, 4)
     assert module.ratio == 16 and module.conv.kernel_size == (32, 32)  # 64 px -> 4x4 layer4 grid
     assert any(n.startswith("res_imputation.") for n, _ in clf.named_parameters())
+
+
+# ----------------------------------------------------------------------------- LLaVA / Fine-tune-CoT
+def test_match_class_and_parse_answer():
+    from megl.models.llm_classifier import match_class, parse_answer
+
+    names = ["red circle", "red square", "blue circle", "circle"]
+    assert match_class("Red Circle.", names) == 0  # exact after normalisation
+    assert match_class("it is a blue circle", names) == 2  # longest contained name wins over "circle"
+    assert match_class("a circle", names) == 3
+    assert match_class("red squar", names) == 1  # close match
+    assert match_class("a dog", names) == -1
+    assert match_class("a red square next to a red circle", names) == 1  # equal length: the earliest
+    assert parse_answer("ft-cot", "the shape is round ---> red circle") == ("red circle", "the shape is round")
+    assert parse_answer("ft-cot", "no separator here") == ("no separator here", "no separator here")
+    assert parse_answer("llava", " red circle ") == ("red circle", "")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_setup():
+    from megl.data import synthetic
+    from megl.models import train_tokenizer
+
+    tr = synthetic.make_splits(synthetic.SyntheticConfig(n_train=16, n_val=4, n_test=4, image_size=32))["train"]
+    items = [tr[i] for i in range(4)]
+    batch = {"image": torch.stack([it["image"] for it in items]), "label": torch.tensor([it["label"] for it in items]),
+             "rationale": [it["rationale"] for it in items], "mask": torch.stack([it["mask"] for it in items]),
+             "has_mask": torch.tensor([bool(it["has_mask"]) for it in items])}
+    tok = train_tokenizer([tr[i]["rationale"] for i in range(len(tr))], tr.class_names, 400)
+    return tr.class_names, tok, batch
+
+
+@pytest.mark.parametrize("mode", ["llava", "ft-cot"])
+def test_llm_classifier_trains_on_answers_only(mode, tiny_llm_setup, one_thread):
+    from megl.models.llm_classifier import LLMClassifier, answer_text, ft_cot_loss, llava_loss
+
+    names, tok, batch = tiny_llm_setup
+    fn = {"llava": llava_loss, "ft-cot": ft_cot_loss}[mode]
+    config = _config(method=mode, clip_image_size=32)
+    model = fn.build_model(config, names, tok)
+    assert isinstance(model, LLMClassifier) and model.mode == mode
+    # labels cover exactly the answer tokens and </s>
+    V = model.visual_tokens(batch["image"])
+    answers = model.answers_for(batch["label"], batch["rationale"])
+    assert answers[0] == answer_text(mode, names[int(batch["label"][0])], batch["rationale"][0])
+    _, _, labels = model._sequences(V, answers)
+    assert sum(x != -100 for x in labels[0]) == len(tok(" " + answers[0], add_special_tokens=False)["input_ids"]) + 1
+    groups = model.parameter_groups()
+    assert groups["projector"] and groups["lora"]
+    opt = torch.optim.Adam(groups["projector"] + groups["lora"], lr=3e-3)
+    first = fn(model, batch, None, config)["total"].item()
+    for _ in range(8):
+        out = fn(model, batch, None, config)
+        opt.zero_grad()
+        out["total"].backward()
+        opt.step()
+    assert out["total"].item() < first
+    pred = model.predict(batch["image"], max_new_tokens=4)
+    assert pred.class_ids.shape == (4,) and len(pred.answers) == 4
+    assert ((pred.class_ids >= -1) & (pred.class_ids < len(names))).all()
+    with pytest.raises(TypeError, match="LLMClassifier"):
+        fn(TinyCNN(), batch, None, config)

@@ -182,6 +182,9 @@ class _Writer:
         if ann.exists() and not overwrite:
             raise ConvertError(f"{ann} exists: pass --overwrite to replace it")
         self.out, self.link, self.masks = out, link, masks
+        if overwrite:  # stale files of an earlier conversion must not linger
+            for sub in ("images", "masks"):
+                shutil.rmtree(out / sub, ignore_errors=True)
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "masks").mkdir(parents=True, exist_ok=True)
         self.placed: dict[str, Path] = {}
@@ -210,18 +213,19 @@ class _Writer:
         except Exception as e:  # unreadable file: counted, the sample keeps its text and label
             self.mask_problems[f"unreadable ({type(e).__name__})"] += 1
             return ""
-        if len({m.shape for m in maps}) != 1 or maps[0].ndim != 2:
-            self.mask_problems["annotator maps of different shapes or not 2-D"] += 1
+        if any(m.ndim not in (2, 3) for m in maps) or len({m.shape[-2:] for m in maps}) != 1:
+            self.mask_problems["annotator maps of different shapes or not (H,W) / (k,H,W)"] += 1
             return ""
         from PIL import Image
 
         with Image.open(image) as im:
             ih, iw = im.height, im.width
-        h, w = maps[0].shape
+        h, w = maps[0].shape[-2:]
         if abs((h / w) / (ih / iw) - 1) > 0.02:
             self.mask_problems["aspect ratio differs from the image"] += 1
             return ""
-        arr = maps[0] if len(maps) == 1 else np.stack(maps)
+        arr = np.concatenate([m.reshape(-1, h, w) for m in maps])  # (k, H, W): k annotators
+        arr = arr[0] if arr.shape[0] == 1 else arr
         if not arr.max() > arr.min():
             self.mask_problems["constant map"] += 1
             return ""
@@ -250,6 +254,8 @@ def _select_classes(samples: list[dict], args, dropped: Counter) -> tuple[list[s
 def _finish(samples: list[dict], args, dropped: Counter, read: int, title: str, masks: _MaskFinder) -> dict:
     """Class selection, images, masks, json + statistics (shared by both converters)."""
     names, samples = _select_classes(samples, args, dropped)
+    if not samples:
+        raise ConvertError(f"no sample survived the filters ({dict(dropped)}): loosen them (see --help)")
     writer = _Writer(Path(args.out), args.overwrite, args.link, masks)
     cid = {n: k for k, n in enumerate(names)}
     ann = {}
@@ -320,6 +326,9 @@ def convert_vqax(args) -> dict:
         data = _load_json(path, "--exp")
         if not isinstance(data, dict):
             raise ConvertError(f"--exp {path} must map question_id -> explanations (or -> an NLE record)")
+        if not (questions or answers) and any(isinstance(v, list) for v in data.values()):
+            raise ConvertError(f"--exp {path} is the original release ({{question_id: [explanation, ...]}}): give the "
+                               "VQA v2 --questions and --annotations files that hold its questions and answers")
         for qid in sorted(data, key=lambda k: (len(str(k)), str(k))):
             read += 1
             entry, qid = data[qid], str(qid)
@@ -482,6 +491,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.min_count < 1 or args.max_classes < 0:
         raise ConvertError("--min-count must be >= 1 and --max-classes >= 0")
+    if (args.out / "exp_annotation.json").exists() and not args.overwrite:  # fail before reading the inputs
+        raise ConvertError(f"{args.out / 'exp_annotation.json'} exists: pass --overwrite to replace it")
     (convert_vqax if args.dataset == "vqax" else convert_actx)(args)
     return 0
 

@@ -5,6 +5,10 @@ that cannot be mistaken for it, and a decoy: a patch in a fixed image corner who
 colour with probability `decoy_strength` in training (otherwise a uniformly random class's decoy colour) and
 always random in validation and test. A classifier that reads the patch instead of the object scores about
 `decoy_strength` on training images and chance on test images: explanation guidance has something to fix.
+Measured with a 4-block CNN (Adam 2e-3, batch 64, default config), test accuracy after epochs 1..6:
+decoy_strength 0.9: .26 .28 .48 .58 .79 .88 (train .77 → 1.00); decoy_strength 0.0: .25 .48 .57 .91 .98 .98.
+The decoy is learnt first and slows object learning; objects are kept small (radius 0.10–0.16 of the image)
+because larger ones let the network drop the decoy sooner.
 
 Mask = the object's silhouette: on a `mask_fraction` of training images and on every val/test image.
 Rationales: one to three per image, from varied templates naming colour, shape, a shape feature and position.
@@ -73,6 +77,9 @@ class SyntheticConfig:
     seed: int = 0
     decoy_corner: str = "top_left"
     noise_std: float = 4.0          # per-pixel Gaussian noise (0..255 scale)
+    min_object_size: float = 0.10   # object radius range, as a fraction of image_size (small objects keep the
+                                    # decoy the easier cue for longer, see the module docstring)
+    max_object_size: float = 0.16
     max_rationales: int = 3         # rationales per image: uniform in 1..max_rationales
 
     def __post_init__(self):
@@ -89,6 +96,9 @@ class SyntheticConfig:
             problems.append(f"mask_fraction must be in [0, 1], got {self.mask_fraction}")
         if not 0.0 <= self.decoy_strength <= 1.0:
             problems.append(f"decoy_strength must be in [0, 1], got {self.decoy_strength}")
+        if not 0.06 <= self.min_object_size <= self.max_object_size <= 0.25:
+            problems.append(f"object sizes must satisfy 0.06 <= min_object_size <= max_object_size <= 0.25 "
+                            f"(got {self.min_object_size}, {self.max_object_size})")
         if self.decoy_corner not in CORNERS:
             problems.append(f"decoy_corner must be one of {CORNERS}, got {self.decoy_corner!r}")
         if not 1 <= self.max_rationales <= len(TEMPLATES):
@@ -187,7 +197,7 @@ def _render(cfg: SyntheticConfig, rng: random.Random, label: int, decoy_class: i
         draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=grey())
 
     # target object, never overlapping the decoy patch
-    r = rng.uniform(0.13, 0.2) * S
+    r = rng.uniform(cfg.min_object_size, cfg.max_object_size) * S
     ext = 1.25 * r + 2  # half extent of any shape incl. rotation, plus a margin
     dx0, dy0, dx1, dy1 = decoy_box(cfg)
     for _ in range(1000):  # a uniformly drawn 3×3 cell (the named position), then a point inside it
@@ -219,7 +229,8 @@ def _render(cfg: SyntheticConfig, rng: random.Random, label: int, decoy_class: i
 
     row, col = min(int(3 * cy / S), 2), min(int(3 * cx / S), 2)
     where = WHERE[row][col]
-    size = "small" if r < 0.155 * S else ("large" if r > 0.175 * S else "medium-sized")
+    lo, hi = cfg.min_object_size, cfg.max_object_size  # size word by thirds of the radius range
+    size = "small" if r < (lo + (hi - lo) / 3) * S else ("large" if r > (lo + 2 * (hi - lo) / 3) * S else "medium-sized")
     texts = _rationales(rng, shape, colour, where, size, rng.randint(1, cfg.max_rationales))
     meta = {"shape": shape, "colour": colour, "where": where, "center": (cx, cy), "radius": r,
             "decoy_class": int(decoy_class), "decoy_box": decoy_box(cfg)}

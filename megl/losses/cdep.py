@@ -161,7 +161,8 @@ def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Te
         return rel, irrel
     raise CDUnsupported(
         f"cdep: no contextual-decomposition rule for {type(module).__name__}; CDEP is implemented for CNNs built from "
-        "Conv2d / BatchNorm2d / ReLU / MaxPool2d / AvgPool / Linear and torchvision ResNet blocks (use --backbone resnet18)"
+        "Conv2d / BatchNorm2d / ReLU / MaxPool2d / AvgPool / Linear and torchvision ResNet blocks "
+        "(use --backbone resnet18)"
     )
 
 
@@ -211,7 +212,8 @@ def _resnet_and_input(clf: nn.Module, image: Tensor) -> tuple[nn.Module, Tensor]
     return net, normalize_imagenet(image)
 
 
-def cdep_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def cdep_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+              config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "cdep")
     clf = classifier_of(model, "cdep")
     net, x = _resnet_and_input(clf, batch["image"])  # fails fast for ViT, before any forward pass

@@ -61,7 +61,8 @@ def check_batch(batch: Mapping[str, Any], method: str) -> None:
         raise ValueError(f"{method}: batch['image'] must be (B, C, H, W), got shape {tuple(image.shape)}")
     if tuple(mask.shape) != (image.shape[0], *image.shape[-2:]):
         raise ValueError(
-            f"{method}: batch['mask'] must be (B, H, W) = {(image.shape[0], *image.shape[-2:])}, got {tuple(mask.shape)}"
+            f"{method}: batch['mask'] must be (B, H, W) = {(image.shape[0], *image.shape[-2:])}, "
+            f"got {tuple(mask.shape)}"
         )
 
 
@@ -71,7 +72,8 @@ def classifier_of(model: torch.nn.Module, method: str) -> torch.nn.Module:
     if clf is None:
         if hasattr(model, "gradcam_gradients"):
             return model
-        raise AttributeError(f"{method}: the model has no .classifier (expected a MEGLModel from megl.models.build_model)")
+        raise AttributeError(
+            f"{method}: the model has no .classifier (expected a MEGLModel from megl.models.build_model)")
     return clf
 
 

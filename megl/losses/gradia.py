@@ -28,7 +28,8 @@ def gradia_visual_loss(per_sample_l1: Tensor, has_mask: Tensor) -> Tensor:
     return (per_sample_l1 * has_mask).sum() / n_annotated(has_mask)
 
 
-def gradia_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def gradia_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+                config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "gradia")
     clf = classifier_of(model, "gradia")
     p = gradcam_pass(clf, batch, backend=backend_of(config))

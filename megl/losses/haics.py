@@ -41,7 +41,8 @@ def haics_visual_loss(saliency: Tensor, mask: Tensor, has_mask: Tensor, annotate
     return (bce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def haics_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def haics_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+               config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "haics")
     clf = classifier_of(model, "haics")
     p = gradcam_pass(clf, batch, backend=backend_of(config))

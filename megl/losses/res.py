@@ -168,11 +168,13 @@ def _res_loss(model, batch, config, imputation: str) -> dict[str, Tensor]:
                   threshold=terms.threshold, imputation=terms.imputation, a=terms.a)
 
 
-def res_g_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def res_g_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+               config: Any = None) -> dict[str, Tensor]:
     return _res_loss(model, batch, config, "g")
 
 
-def res_l_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def res_l_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+               config: Any = None) -> dict[str, Tensor]:
     return _res_loss(model, batch, config, "l")
 
 

@@ -65,7 +65,8 @@ def rrr_terms(forward: Callable[[Tensor], Tensor], image: Tensor, label: Tensor,
     return result(ce, penalty, lam)
 
 
-def rrr_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None, config: Any = None) -> dict[str, Tensor]:
+def rrr_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
+             config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "rrr")
     clf = classifier_of(model, "rrr")
     lam = float(hparam(config, "rrr_lambda", DEFAULTS["rrr_lambda"]))

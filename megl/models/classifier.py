@@ -1,7 +1,7 @@
 """Image classifiers f with Grad-CAM taps: torchvision ResNet18 and ViT-B/16.
 
 Each returns `ClassifierOutput(logits, activations (B,K,h,w), gradients_fn, features (B,h*w,D))`:
-- ResNet18: activations = layer4 output; gradients in closed form (GAP + linear head, DESIGN §2), which stay
+- ResNet18: activations = layer4 output (4×4 at 64 px by default: layer4 stride 1; 7×7 at 224 px as in the paper); gradients in closed form (GAP + linear head, DESIGN §2), which stay
   differentiable w.r.t. fc.weight without any second-order autograd; features Z_I = the layer4 grid as tokens.
 - ViT-B/16: activations = the patch tokens entering the last block's attention (the output of its ln_1, as
   pytorch-grad-cam taps `blocks[-1].norm1`; the last block's *output* patch tokens cannot be used: the head reads
@@ -56,7 +56,8 @@ class Classifier(nn.Module):
 
 
 class ResNet18Classifier(Classifier):
-    def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, weights: Optional[str] = None):
+    def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, layer4_stride: int = 2,
+                 weights: Optional[str] = None):
         super().__init__()
         net = torchvision.models.resnet18(weights=None)
         if weights is not None:
@@ -68,9 +69,16 @@ class ResNet18Classifier(Classifier):
         net.fc = nn.Linear(512, num_classes)
         if not stem_maxpool:
             net.maxpool = nn.Identity()
+        if layer4_stride not in (1, 2):
+            raise ValueError(f"resnet_layer4_stride must be 1 or 2, got {layer4_stride}")
+        # layer4 stride 1 (output stride 16, as CAM-based segmentation does) doubles the Grad-CAM resolution at
+        # the cost of layer4 only; weight shapes are unchanged, so ImageNet weights still load
+        net.layer4[0].conv1.stride = (layer4_stride, layer4_stride)
+        net.layer4[0].downsample[0].stride = (layer4_stride, layer4_stride)
         self.net = net
-        down = 32 if stem_maxpool else 16
-        side = -(-image_size // down)
+        side = image_size
+        for stride in (2, 2 if stem_maxpool else 1, 1, 2, 2, layer4_stride):  # conv1, maxpool, layer1..4
+            side = -(-side // stride)
         self.grid = (side, side)
         self.feature_dim = 512
 
@@ -156,7 +164,8 @@ class ViTClassifier(Classifier):
 
 def build_classifier(config, num_classes: int) -> Classifier:
     if config.backbone == "resnet18":
-        return ResNet18Classifier(num_classes, config.image_size, config.resnet_stem_maxpool, config.classifier_weights)
+        return ResNet18Classifier(num_classes, config.image_size, config.resnet_stem_maxpool,
+                                  config.resnet_layer4_stride, config.classifier_weights)
     if config.backbone == "vit_b_16":
         return ViTClassifier(num_classes, config.image_size, config.vit_patch_size, config.vit_layers,
                              config.vit_heads, config.vit_hidden, config.vit_mlp, config.classifier_weights)

@@ -79,7 +79,7 @@ def parse_answer(mode: str, text: str) -> tuple[str, str]:
     if mode == "ft-cot":
         if COT_SEP in text:
             rationale, _, answer = text.rpartition(COT_SEP)
-            return answer.strip(), rationale.strip()
+            return answer.strip(), rationale.rstrip(" -").strip()
         return text.strip(), text.strip()
     return text.strip(), ""
 
@@ -111,6 +111,8 @@ class LLMClassifier(nn.Module):
         before, after = prompt_texts(mode)
         self._head = ([self.bos] if self.bos is not None else []) + self._ids(before)
         self._tail = self._ids(after)
+        # llava answers a class name: generation needs no more tokens than the longest one (+ </s>)
+        self.answer_budget = max(len(self._ids(" " + c)) for c in self.class_names) + 1
 
     # ------------------------------------------------------------------ helpers
     def _ids(self, text: str) -> list[int]:
@@ -185,7 +187,7 @@ class LLMClassifier(nn.Module):
         inputs = torch.stack([torch.cat([pad.expand(L - s.shape[0], -1), s]) for s in seqs])
         mask = torch.tensor([[0] * (L - s.shape[0]) + [1] * s.shape[0] for s in seqs], device=V.device)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        n = max_new_tokens or self.config.max_new_tokens
+        n = max_new_tokens or (self.answer_budget if self.mode == "llava" else self.config.max_new_tokens)
         ids = greedy_generate(self.llm, embed, inputs, mask, positions, n, self.eos)
         return [self.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
 
@@ -210,7 +212,8 @@ class LLMClassifier(nn.Module):
                             max_new_tokens: Optional[int] = None) -> list[str]:
         """ft-cot: the generated rationales (the model picks its own class; `class_ids` is ignored)."""
         if self.mode != "ft-cot":
-            raise ValueError("generate_rationales: only the ft-cot model writes rationales (llava answers a class name)")
+            raise ValueError("generate_rationales: only the ft-cot model writes rationales "
+                             "(llava answers a class name)")
         return self.predict(image01, max_new_tokens).rationales
 
     # ------------------------------------------------------------------ parameters and checkpoints
@@ -273,8 +276,10 @@ def _method_loss(mode: str):
 
     loss.__name__ = loss.__qualname__ = f"{mode.replace('-', '_')}_loss"
     loss.__doc__ = f"The {mode} objective: NLL of the answer tokens (registry signature; the model does the work)."
-    loss.build_model = lambda config, class_names, tokenizer=None, device="cpu": build_llm_classifier(  # type: ignore[attr-defined]
-        config, class_names, tokenizer, device, mode)
+    def build_model(config, class_names, tokenizer=None, device="cpu") -> LLMClassifier:
+        return build_llm_classifier(config, class_names, tokenizer, device, mode)
+
+    loss.build_model = build_model  # type: ignore[attr-defined]
     loss.model_kind = "llm"  # type: ignore[attr-defined]  # predictions come from model.predict, no saliency
     return loss
 
@@ -283,4 +288,5 @@ llava_loss = _method_loss("llava")
 ft_cot_loss = _method_loss("ft-cot")
 
 
-__all__ = ["LLMClassifier", "ft_cot_loss", "llava_loss", "LLMPrediction", "answer_text", "build_llm_classifier", "match_class", "parse_answer"]
+__all__ = ["LLMClassifier", "LLMPrediction", "answer_text", "build_llm_classifier", "ft_cot_loss", "llava_loss",
+           "match_class", "parse_answer"]

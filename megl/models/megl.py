@@ -174,6 +174,11 @@ def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu"
         encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
         llm = build_llm(config, tokenizer, device)
         model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
+        from megl.losses import get_method
+
+        setup = getattr(get_method(config.method), "setup", None)  # e.g. RES-L adds its learnable imputation
+        if setup is not None:
+            setup(model, config)
     if device.type == "cuda":
         model.clip_encoder.to(torch.bfloat16)
     return model.to(device)

@@ -60,9 +60,10 @@ def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     l1 = torch.where(has_mask, (s - mask).abs().mean(dim=(1, 2)), zeros) if mask is not None else s.new_zeros(B)
     sum_p = (s + eps_kl).sum(dim=(1, 2))
     if prior is not None:
-        sum_q = (prior + eps_kl).sum().expand(B)
+        total_q = (prior + eps_kl).sum()
+        sum_q = total_q.expand(B)
         p = (s + eps_kl) / sum_p[:, None, None]
-        q = (prior + eps_kl) / sum_q[0]
+        q = (prior + eps_kl) / total_q
         kl = (p * (p.log() - q.log())).sum(dim=(1, 2))
         if has_mask is not None:
             kl = torch.where(has_mask, zeros, kl)

@@ -1,0 +1,160 @@
+"""`python -m megl.train`: two-step smoke runs per configuration, resume after SIGKILL, torchrun DDP, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megl import runs
+from megl.config import Config
+from megl.train import Dist, evaluate, main, train
+
+TINY_SETS = [
+    "image_size=32", "clip_image_size=32", "tiny_clip_width=32", "tiny_llm_hidden=32", "tokenizer_vocab_size=300",
+    "batch_size=4", "eval_batch_size=16", "num_overlays=2",
+    'synthetic={"n_train": 16, "n_val": 6, "n_test": 6, "num_classes": 3, "mask_fraction": 0.5}',
+]
+TINY_VIT = dict(backbone="vit_b_16", vit_patch_size=8, vit_layers=2, vit_heads=2, vit_hidden=32, vit_mlp=64)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tiny_config(**overrides) -> Config:
+    from megl.config import apply_overrides
+
+    d = apply_overrides(Config().to_dict(), TINY_SETS)
+    d.update({"epochs": 1, "max_steps_per_epoch": 2, **overrides})
+    return Config.from_dict(d).validate()
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,overrides,text_on", [
+    ("resnet18", {}, True),
+    ("vit_b_16", TINY_VIT, True),
+    ("visual+text", dict(use_consistency=False), True),
+    ("text", dict(use_visual=False, use_consistency=False), True),
+    ("visual", dict(use_text=False, use_consistency=False), False),
+    ("baseline", dict(method="baseline"), False),
+])
+def test_two_step_training_smoke(tmp_path, name, overrides, text_on):
+    from megl.models import build_model
+
+    config = tiny_config(**overrides)
+    metrics = train(config, tmp_path, Dist("cpu"), progress=False)
+    assert len(metrics) == 1 and metrics[0]["epoch"] == 1
+    assert torch.isfinite(torch.tensor(metrics[0]["train_loss"]))
+    for split in ("val", "test"):
+        assert 0.0 <= metrics[0][split]["accuracy"] <= 1.0 and metrics[0][split]["miou"] is not None
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert runs.load_config(tmp_path) == config
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    state, _, _, train_state = runs.load_checkpoint(tmp_path)
+    assert train_state["global_step"] == 2 and train_state["epoch"] == 1
+    # compare with the initial weights (a function of the seed): what trained and what did not
+    init = build_model(config, ["a", "b", "c"], runs.load_run_tokenizer(tmp_path, config)).checkpoint_state_dict()
+    clf = [k for k in state if k.startswith("classifier.") and k.endswith("weight") and "bn" not in k]
+    assert any(_changed(state[k], init[k]) for k in clf)
+    lora_b = [k for k in state if "lora_B" in k]
+    assert lora_b and all(float(init[k].abs().sum()) == 0 for k in lora_b)  # LoRA B starts at zero
+    assert any(_changed(state[k], init[k]) for k in lora_b) == text_on
+    assert _changed(state["sdtg.W_A.weight"], init["sdtg.W_A.weight"]) == text_on
+    clip = [k for k in state if k.startswith("clip_encoder.")]
+    assert clip and all(torch.equal(state[k], init[k]) for k in clip)  # frozen
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "megl.train", "--out", str(out), "--no-progress", "--epochs", "2",
+            "--set", "checkpoint_every=1", "--set", "max_steps_per_epoch=3"]
+    for s in TINY_SETS:
+        args += ["--set", s]
+    return args + list(extra)
+
+
+def _wait_for_checkpoint(proc, path: Path, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            try:
+                state = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                state = None
+            if state and state["epoch"] == 0 and state["step_in_epoch"] >= 1:
+                return state
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before a mid-epoch checkpoint appeared")
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint within the timeout")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = subprocess.Popen(_cli(full), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cli(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = _wait_for_checkpoint(proc, killed / "checkpoints" / "last.json")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists() and state["global_step"] < 6
+    resumed = subprocess.run([sys.executable, "-m", "megl.train", "--resume", str(killed), "--no-progress"], env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    _, err = ref.communicate()
+    assert ref.returncode == 0, err.decode()[-3000:]
+    a = json.loads((full / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert len(a) == 2 and a == b
+    sa, sb = runs.load_checkpoint(full)[0], runs.load_checkpoint(killed)[0]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "megl.train", "--out", str(out), "--no-progress", "--epochs", "1", "--set", "max_steps_per_epoch=2"]
+    for s in TINY_SETS:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics) == 1
+    _, _, rng, state = runs.load_checkpoint(out)
+    assert {k.split("/")[0] for k in rng} == {"0", "1"}  # both ranks' RNG states
+    assert state["global_step"] == 2
+    # metrics gathered over both ranks' shards = a single-process evaluation of the saved model
+    run = runs.load_run(out)
+    for split in ("val", "test"):
+        single = evaluate(run.model, run.splits[split], run.config, Dist("cpu"))
+        assert single["accuracy"] == metrics[0][split]["accuracy"]
+        assert single["miou"] == pytest.approx(metrics[0][split]["miou"], abs=1e-6)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["--preset", "paper-resnet18", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "clip_weights" in err and "llm" in err and "--set" in err
+    assert main(["--set", "no_such_key=1", "--out", str(tmp_path / "q")]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    assert main(["--out", str(tmp_path / "r")]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_preset_resolves_paper_settings(tmp_path):
+    from megl.config import resolve
+
+    clip = tmp_path / "clip.bin"
+    clip.write_bytes(b"x")
+    (tmp_path / "vicuna").mkdir()
+    cfg = resolve("paper-vit-b16", sets=[f"clip_weights={clip}", f"llm={tmp_path / 'vicuna'}", "epochs=3"])
+    assert (cfg.image_size, cfg.clip_model, cfg.backbone, cfg.lora_r, cfg.lora_alpha) == (224, "ViT-L-14", "vit_b_16",
+                                                                                         128, 256)
+    assert cfg.epochs == 3 and cfg.lr_lora == 2e-4 and cfg.lr_projector == 2e-5
