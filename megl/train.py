@@ -105,7 +105,8 @@ def to_device(batch: dict, device) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model, split, config: Config, d: Dist) -> dict:
     """Accuracy, macro P/R/F1 and mIoU (saliency of the predicted class vs the mask, threshold 0.5) on a split,
-    sharded over ranks and gathered."""
+    sharded over ranks and gathered: the same metric functions and conventions as megl.evaluate.evaluate_split,
+    which adds text, faithfulness and the report but runs on one process."""
     from megl.data import collate
     from megl.metrics import classification_metrics, iou
 
@@ -124,7 +125,7 @@ def evaluate(model, split, config: Config, d: Dist) -> dict:
     preds = [p for g in gathered for p in g[0]]
     labels = [t for g in gathered for t in g[1]]
     ious = [s for g in gathered for s in g[2]]
-    out = classification_metrics(labels, preds, labels=range(len(split.class_names)))
+    out = classification_metrics(labels, preds)  # macro over the classes present, as megl.evaluate reports it
     out["miou"] = sum(ious) / len(ious) if ious else None
     return {k: out[k] for k in METRIC_KEYS}
 
