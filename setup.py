@@ -73,9 +73,10 @@ ext_modules = [
     Extension(
         "megl._saliency_cpu",
         sources=["csrc/saliency_cpu.cpp"],
+        depends=["csrc/saliency_cpu_kernels.h"],  # included twice (generic + AVX2), see saliency_cpu.cpp
         include_dirs=[pybind11.get_include()],
         language="c++",
-        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", *openmp],
+        extra_compile_args=["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", *openmp],  # -g0: no debug info (5 MB)
         extra_link_args=openmp,
     )
 ]

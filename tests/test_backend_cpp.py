@@ -16,6 +16,17 @@ from megl.ops.backends import cpp
 pytestmark = pytest.mark.skipif(not cpp.available(), reason=f"cpp backend not built: {cpp.UNAVAILABLE_REASON}")
 
 EPS, EPS_KL = 1e-8, 1e-8
+ISAS = cpp._ext.available_isas() if cpp.available() else []
+
+
+@pytest.fixture(autouse=True, params=ISAS)
+def isa(request):
+    """Every test runs on each kernel variant this CPU can run (generic SIMD width, and AVX2 where present)."""
+    cpp._ext.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        cpp._ext.set_isa("auto")
 FWD_NAMES = ("saliency", "masked", "l1", "kl", "alpha", "cam", "stats")
 BWD_NAMES = ("d activations", "d gradients", "d image")
 
@@ -231,3 +242,14 @@ def test_extension_rejects_null_pointers_and_bad_shapes():
     with pytest.raises(ValueError, match="mask given without has_mask"):
         cpp._ext.forward(A.data_ptr(), G.data_ptr(), I.data_ptr(), mask.data_ptr(), 0, 0, 1, 2, 3, 3, 3, 6, 6,
                               EPS, EPS_KL, *ptrs)
+
+
+def test_isa_selection_and_its_errors(isa):
+    assert cpp._ext.isa() == isa
+    cpp._ext.set_isa("auto")
+    assert cpp._ext.isa() == ISAS[-1]  # the widest variant the CPU runs
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        cpp._ext.set_isa("sse9")
+    if "avx2" not in ISAS:
+        with pytest.raises(ValueError, match="AVX2"):
+            cpp._ext.set_isa("avx2")
