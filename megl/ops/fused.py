@@ -137,6 +137,8 @@ def _setup_context(ctx, inputs, output):
     s, _, _, _, alpha, cam, stats = output
     ctx.save_for_backward(A, G, I, mask, has_mask, prior, s, alpha, cam, stats)
     ctx.consts = (eps, eps_kl, backend)
+    # an output that gets no gradient (often the saliency) arrives as None, not as a zero tensor to fill and read
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_s, g_masked, g_l1, g_kl, *_unused):
