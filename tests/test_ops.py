@@ -197,6 +197,14 @@ def test_unavailable_backend_names_the_fix():
         backends.load("cuda")
 
 
+def test_extension_import_reasons():
+    ext, reason = backends.import_extension("_no_such_extension")
+    assert ext is None and "megl._no_such_extension could not be imported" in reason
+    # A module without the kernels (a placeholder or an old build) is refused as stale, not used.
+    ext, reason = backends.import_extension("ops.reference")
+    assert ext is None and "stale build" in reason and "rebuild" in reason
+
+
 def test_unknown_backend():
     A, G, I, *_ = make_inputs(1, 2, 2, 2, 4, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown megl backend 'fast'"):

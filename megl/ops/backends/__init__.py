@@ -29,6 +29,17 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+def import_extension(name: str) -> tuple[ModuleType | None, str | None]:
+    """The compiled module `megl.<name>` and None, or None and why it cannot be used (not built, or stale)."""
+    try:
+        ext = importlib.import_module(f"megl.{name}")
+    except ImportError as err:
+        return None, f"the extension megl.{name} could not be imported: {err}"
+    if not hasattr(ext, "forward"):
+        return None, f"the extension {ext.__file__} is a stale build without the kernels; rebuild it"
+    return ext, None
+
+
 def load(name: str) -> ModuleType:
     """The backend module `name`, or a BackendUnavailable error that says how to build it."""
     if name not in _BACKENDS:

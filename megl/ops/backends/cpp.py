@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from megl.ops.backends import import_extension
+
 NAME = "cpp"
 
-try:
-    from megl import _saliency_cpu as _ext
-except ImportError as err:  # not built: the registry reports this reason and how to build it
-    _ext = None
-    UNAVAILABLE_REASON = f"the extension megl._saliency_cpu could not be imported: {err}"
-else:
-    if not hasattr(_ext, "forward"):
-        UNAVAILABLE_REASON = f"the extension {_ext.__file__} is a stale build without the kernels; rebuild it"
-        _ext = None
-    else:
-        UNAVAILABLE_REASON = None
+# Not built or stale: the registry reports the reason and how to build it.
+_ext, UNAVAILABLE_REASON = import_extension("_saliency_cpu")
 
 
 def available() -> bool:

@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from megl.ops.backends import import_extension
+
 NAME = "cuda"
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-try:
-    from megl import _saliency_cuda as _ext
-except ImportError as err:  # not built (no nvcc at install time, or MEGL_SKIP_CUDA=1)
-    _ext = None
-    _IMPORT_REASON = f"the extension megl._saliency_cuda could not be imported: {err}"
-else:
-    if not hasattr(_ext, "forward"):
-        _IMPORT_REASON = f"the extension {_ext.__file__} is a stale build without the kernels; rebuild it"
-        _ext = None
-    else:
-        _IMPORT_REASON = None
-
+# Not built (no nvcc at install time, or MEGL_SKIP_CUDA=1) or stale.
+_ext, _IMPORT_REASON = import_extension("_saliency_cuda")
 UNAVAILABLE_REASON = _IMPORT_REASON
 
 
