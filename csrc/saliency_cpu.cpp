@@ -15,7 +15,9 @@
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cfloat>

@@ -63,7 +63,11 @@ void check_required(std::initializer_list<Required> tensors) {
                                   "' got a null pointer; pass tensor.data_ptr() of a contiguous float32 tensor");
 }
 
+#ifdef _OPENMP
 int thread_count(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+#else  // built without OpenMP (e.g. Apple clang): the pragmas are ignored, one thread
+int thread_count(int) { return 1; }
+#endif
 
 // Natural log of a float that `omp simd` loops can vectorise (libm's logf is a scalar call, and this is the pixel
 // pass's only transcendental). Cephes' logf: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = f - f^2/2 + f^3 P(f),

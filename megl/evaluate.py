@@ -9,8 +9,9 @@ writes RUN_DIR/eval/ (RUN_DIR/eval/<split>/ for a split other than test):
     report.html        sample images: saliency overlay, human mask, predicted vs true label, generated vs
                        reference rationales; PNGs in report_images/ (relative links)
 
-`evaluate_split(model, dataset, prior, ...)` is the one implementation; training calls it per epoch with the
-cheap metrics only (text and faithfulness off).
+`evaluate_split(model, dataset, prior, ...)` is the single-process implementation. Training's per-epoch metrics
+(`megl.train.evaluate`: accuracy, macro P/R/F1, mIoU) shard the split over DDP ranks and gather the predictions, then
+score them with the same megl.metrics functions and conventions; a test checks the two agree on a saved run.
 """
 from __future__ import annotations
 

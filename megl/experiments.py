@@ -444,9 +444,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for bb in backbones:
             for ab in [a for a in ABLATION_ORDER if a in ablations]:
                 # "full" is plain MEGL: the same run directory as table2's MEGL row (shared, not retrained)
-                results[(bb, ab)] = [run_one(base, out, bb, "megl", s, None if ab == "full" else ab, text=False,
-                                             progress=args.progress) if ab != "full" else
-                                     run_one(base, out, bb, "megl", s, text=text, progress=args.progress)
+                results[(bb, ab)] = [run_one(base, out, bb, "megl", s, text=text, progress=args.progress)
+                                     if ab == "full" else
+                                     run_one(base, out, bb, "megl", s, ab, text=False, progress=args.progress)
                                      for s in seeds]
         md = table4_markdown(results, backbones, ablations, dataset)
     md += "\n" + settings_note(base, seeds, args.quick) + "\n"

@@ -106,7 +106,8 @@ def save_checkpoint(run_dir, model_state: dict[str, torch.Tensor], optimizer_sta
                     state: dict[str, Any]) -> None:
     """One file holds everything needed to resume, so a single os.replace makes it consistent.
 
-    Tensors: "model/<name>", "optim/<param index>/<key>", "rng/<name>". Metadata: {"state", "optim"} as JSON
+    Tensors: "model/<name>", "optim/<param index>/<key>", "rng/<rank>/<name>" (each rank's RNG states and running
+    loss sum). Metadata: {"state", "optim"} as JSON
     (training position and metrics; optimiser param groups and non-tensor per-parameter values).
     """
     tensors = {f"model/{k}": v for k, v in model_state.items()}

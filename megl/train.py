@@ -134,9 +134,9 @@ def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     from megl.data import collate
     from megl.predict import save_panel
 
-    if n <= 0:
-        return
     ds = split.expanded(False)
+    if n <= 0 or len(ds) == 0:
+        return
     items = [ds[i] for i in range(min(n, len(ds)))]
     batch = to_device(collate(items), device)
     _, sal = model.explain(batch["image"])
@@ -178,9 +178,12 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
 
 
 def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
-    rngs = d.gather({k: v.cpu() for k, v in rng_state(d.device).items()})  # every rank's RNG
+    # per rank: its RNG states and its running loss sum (each rank's shard differs)
+    mine = {k: v.cpu() for k, v in rng_state(d.device).items()}
+    mine["loss"] = torch.tensor([state["loss_sum"], float(state["loss_n"])], dtype=torch.float64)
+    per_rank = d.gather(mine)
     if d.main:
-        flat = {f"{r}/{k}": v for r, s in enumerate(rngs) for k, v in s.items()}
+        flat = {f"{r}/{k}": v for r, s in enumerate(per_rank) for k, v in s.items()}
         runs.save_checkpoint(run_dir, model.checkpoint_state_dict(), optimizer.state_dict(), flat, state)
     d.barrier()
 
@@ -222,6 +225,8 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
                                "number of processes it was written with")
         if state["step_in_epoch"] > 0:
             set_rng_state(mine, d.device)
+        if "loss" in mine:  # this rank's own running loss, not rank 0's
+            state["loss_sum"], state["loss_n"] = float(mine["loss"][0]), int(mine["loss"][1])
         if d.main:
             print(f"resuming {run_dir} at epoch {state['epoch']} step {state['step_in_epoch']}", file=sys.stderr)
     net = model

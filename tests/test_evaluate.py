@@ -66,6 +66,18 @@ def test_evaluate_split_matches_direct_metrics_and_restores_mode(tiny_run):
     assert "text" not in out  # off by default: the per-epoch call stays cheap
 
 
+def test_training_evaluation_agrees_with_evaluate_split(tiny_run):
+    from megl.config import Config
+    from megl.evaluate import evaluate_split
+    from megl.train import Dist, evaluate
+
+    model, test = tiny_run["model"], tiny_run["splits"]["test"]
+    per_epoch = evaluate(model, test, Config(eval_batch_size=4), Dist("cpu"))
+    full = evaluate_split(model, test, batch_size=3)
+    for k in ("accuracy", "precision", "recall", "f1", "miou"):
+        assert per_epoch[k] == pytest.approx(full[k], abs=1e-6), k
+
+
 def test_tables_have_the_paper_layout():
     t2 = table2([{"backbone": "resnet18", "method": "megl", "accuracy": 0.74125, "precision": 0.5689,
                   "recall": 0.6595, "f1": 0.58, "miou": None}], "Object-ME")

@@ -29,7 +29,6 @@ DT = torch.float64
 class Out(NamedTuple):
     logits: torch.Tensor
     activations: torch.Tensor
-    gradients_fn: Optional[object] = None
     features: Optional[torch.Tensor] = None
 
 

@@ -54,7 +54,6 @@ def test_resnet_taps_and_closed_form_gradients_match_autograd(resnet):
     closed = clf.gradcam_gradients(out, target)
     auto = torch.autograd.grad(out.logits.gather(1, target[:, None]).sum(), out.activations)[0]
     torch.testing.assert_close(closed, auto, rtol=1e-5, atol=1e-7)
-    assert torch.equal(out.gradients_fn(target), closed)
 
 
 def test_resnet_default_map_is_4x4_at_64px():

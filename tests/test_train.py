@@ -128,6 +128,7 @@ def test_torchrun_two_processes(tmp_path):
     assert len(metrics) == 1
     _, _, rng, state = runs.load_checkpoint(out)
     assert {k.split("/")[0] for k in rng} == {"0", "1"}  # both ranks' RNG states
+    assert {"0/loss", "1/loss"} <= set(rng)  # and each rank's own running loss, for a mid-epoch resume
     assert state["global_step"] == 2
     # metrics gathered over both ranks' shards = a single-process evaluation of the saved model
     run = runs.load_run(out)
@@ -146,6 +147,25 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     assert main(["--out", str(tmp_path / "r")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("checkpoint_every", 0, "checkpoint_every = 0 must be a positive integer"),
+    ("batch_size", 0, "batch_size = 0 must be a positive integer"),
+    ("epochs", 2.5, "epochs = 2.5 must be a positive integer"),
+    ("max_steps_per_epoch", 0, "max_steps_per_epoch = 0 must be a positive integer"),
+    ("num_overlays", -1, "num_overlays = -1 must be an integer >= 0"),
+])
+def test_config_rejects_bad_numbers_up_front(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_dict({key: value}).validate()
+
+
+def test_training_without_a_validation_split(tmp_path):
+    sets = dict(synthetic={"n_train": 16, "n_val": 0, "n_test": 6, "num_classes": 3, "mask_fraction": 0.5})
+    metrics = train(tiny_config(**sets), tmp_path / "noval", Dist("cpu"), progress=False)
+    assert "val" not in metrics[0] and metrics[0]["test"]["accuracy"] >= 0
+    assert not (tmp_path / "noval" / "overlays").exists()
 
 
 def test_preset_resolves_paper_settings(tmp_path):

@@ -1,6 +1,7 @@
 """Image classifiers f with Grad-CAM taps: torchvision ResNet18 and ViT-B/16.
 
-Each returns `ClassifierOutput(logits, activations (B,K,h,w), gradients_fn, features (B,h*w,D))`:
+Each returns `ClassifierOutput(logits, activations (B,K,h,w), features (B,h*w,D))`; `gradcam_gradients(out, target)`
+gives d logit_target / d activations:
 - ResNet18: activations = layer4 output (4×4 at 64 px by default: layer4 stride 1; 7×7 at 224 px as in the paper); gradients in closed form (GAP + linear head, DESIGN §2), which stay
   differentiable w.r.t. fc.weight without any second-order autograd; features Z_I = the layer4 grid as tokens.
 - ViT-B/16: activations = the patch tokens entering the last block's attention (the output of its ln_1, as
@@ -11,7 +12,7 @@ Each returns `ClassifierOutput(logits, activations (B,K,h,w), gradients_fn, feat
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torchvision
@@ -24,7 +25,6 @@ from megl.ops import autograd_gradcam_gradients, gap_linear_gradcam_gradients
 class ClassifierOutput(NamedTuple):
     logits: Tensor  # (B, num_classes)
     activations: Tensor  # (B, K, h, w) Grad-CAM layer
-    gradients_fn: Callable[[Tensor], Tensor]  # target (B,) -> d logit_target / d activations, (B, K, h, w)
     features: Tensor  # (B, h*w, D) Z_I, the classifier's visual tokens for SDTG
 
 
@@ -43,19 +43,16 @@ def load_state_dict_file(path: str) -> dict:
 class Classifier(nn.Module):
     grid: tuple[int, int]  # Grad-CAM map size h, w
     feature_dim: int  # D of the features
+    gradcam_needs_autograd = True  # inference must keep a graph to get the Grad-CAM gradients
 
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
         """d logit_target / d activations, (B, K, h, w); differentiable (create_graph) for training."""
         raise NotImplementedError
 
-    def _output(self, logits, activations, features) -> ClassifierOutput:
-        holder: list = []
-        out = ClassifierOutput(logits, activations, lambda target: self.gradcam_gradients(holder[0], target), features)
-        holder.append(out)
-        return out
 
 
 class ResNet18Classifier(Classifier):
+    gradcam_needs_autograd = False  # closed-form gradients
     def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, layer4_stride: int = 2,
                  weights: Optional[str] = None):
         super().__init__()
@@ -88,7 +85,7 @@ class ResNet18Classifier(Classifier):
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         a = n.layer4(n.layer3(n.layer2(n.layer1(x))))
         logits = n.fc(a.mean(dim=(2, 3)))
-        return self._output(logits, a, a.flatten(2).transpose(1, 2))
+        return ClassifierOutput(logits, a, a.flatten(2).transpose(1, 2))
 
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
         return gap_linear_gradcam_gradients(self.net.fc.weight, target, tuple(out.activations.shape[-2:]))
@@ -149,7 +146,7 @@ class ViTClassifier(Classifier):
         x = x + last.mlp(last.ln_2(x))
         x = enc.ln(x)
         logits = n.heads(x[:, 0])
-        return self._output(logits, act, x[:, 1:])
+        return ClassifierOutput(logits, act, x[:, 1:])
 
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
         if not out.activations.requires_grad:

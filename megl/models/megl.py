@@ -52,9 +52,14 @@ class MEGLModel(nn.Module):
         return fused_saliency(out.activations, grads, image01, mask, has_mask, prior,
                               backend=self.config.saliency_backend)
 
+    def _gradcam_grad_mode(self) -> torch.autograd.grad_mode.set_grad_enabled:
+        """Inference: autograd on only for a classifier whose Grad-CAM gradients need it (ViT); ResNet18's
+        closed form needs no graph, so none is built."""
+        return torch.set_grad_enabled(getattr(self.classifier, "gradcam_needs_autograd", True))
+
     def explain(self, image01: Tensor, target: Optional[Tensor] = None) -> tuple[Tensor, SaliencyOutput]:
         """Inference: (logits, saliency for `target`, default the predicted class); no graph is kept."""
-        with torch.enable_grad():  # ViT Grad-CAM needs autograd even at inference
+        with self._gradcam_grad_mode():
             out = self.classifier(image01)
             if target is None:
                 target = out.logits.argmax(1)
@@ -83,7 +88,7 @@ class MEGLModel(nn.Module):
     def generate_rationales(self, image01: Tensor, class_ids: Optional[Tensor] = None,
                             max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy rationales for `class_ids` (default: the predicted classes)."""
-        with torch.enable_grad():
+        with self._gradcam_grad_mode():
             out = self.classifier(image01)
             target = out.logits.argmax(1) if class_ids is None else class_ids.to(out.logits.device)
             sal = self.gradcam(out, image01, target, create_graph=False)
