@@ -18,7 +18,8 @@ TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
 @dataclass
 class Config:
     # --- run
-    seed: int = 0
+    seed: int = 0  # initialisation, data order, dropout
+    data_seed: int = 0  # the synthetic data and a seeded split: fixed across seeds, so seeds vary training only
     device: str = "cpu"
     method: str = "megl"  # a name in megl.losses.METHODS
     deterministic: bool = True

@@ -17,8 +17,9 @@ against full MEGL, per backbone.
 Each run lives in OUT/runs/<backbone>_<method>[_<ablation>]_seed<k>_<config hash>/ (a normal megl.train run
 directory, plus eval.json); a finished run is reused, an interrupted one resumed, so the tables can be rebuilt or
 extended without retraining, and table2 and table4 share the full-MEGL runs. With several seeds, cells are
-mean ± standard deviation over seeds. --quick shrinks data and models so that both tables run on a CPU in
-minutes (see QUICK); every run of one invocation shares the same settings, seeds and epochs.
+mean ± standard deviation over seeds (the seeds vary training; the data stays that of `data_seed`). --quick
+shrinks data and models so that both tables run on a CPU in minutes (see QUICK); every run of one invocation
+shares the same settings, seeds and epochs.
 """
 from __future__ import annotations
 

@@ -161,12 +161,12 @@ def make_splits(config: Config):
     from megl.data import load_splits, synthetic
 
     if config.data_root is None:
-        opts = {"image_size": config.image_size, "seed": config.seed, **config.synthetic}
+        opts = {"image_size": config.image_size, "seed": config.data_seed, **config.synthetic}
         if opts["image_size"] != config.image_size:
             raise ValueError(f"synthetic.image_size {opts['image_size']} != image_size {config.image_size}; "
                              "set image_size instead")
         return synthetic.make_splits(synthetic.SyntheticConfig(**opts))
-    return load_splits(config.data_root, image_size=config.image_size, seed=config.seed)
+    return load_splits(config.data_root, image_size=config.image_size, seed=config.data_seed)
 
 
 @dataclass
