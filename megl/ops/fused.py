@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.torch_explicit import acc_dtype
 from .reference import EPS, EPS_KL, SaliencyOutput, fused_saliency_reference
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,7 +108,7 @@ def _fwd(
 @_fwd.register_fake
 def _(A, G, I, mask, has_mask, prior, eps, eps_kl, backend):
     B, K, h, w = A.shape
-    f32 = dict(dtype=torch.float64 if A.dtype == torch.float64 else torch.float32, device=A.device)
+    f32 = dict(dtype=acc_dtype(A.dtype), device=A.device)
     return (
         I.new_empty(B, *I.shape[-2:]), torch.empty_like(I), A.new_empty(B, **f32), A.new_empty(B, **f32),
         A.new_empty(B, K, **f32), A.new_empty(B, h, w, **f32), A.new_empty(B, 4, **f32),
@@ -222,7 +223,7 @@ def fused_saliency(
         return fused_saliency_reference(activations, gradients, image, mask, has_mask, prior, eps=eps, eps_kl=eps_kl)
     if backend != "auto":
         _check_backend_dtype(backend, activations.device, dtype)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     f32 = lambda t: None if t is None else t.to(acc).contiguous()  # noqa: E731
     s, masked, l1, kl, *_ = _fwd(
         activations.contiguous(), gradients.contiguous(), image.contiguous(), f32(mask), has_mask,

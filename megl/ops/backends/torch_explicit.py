@@ -20,17 +20,14 @@ This module is also the portable fallback: it is what `backend="torch"` runs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from megl.ops.reference import upsample
 
 NAME = "torch"
 
 
 def available() -> bool:
     return True
-
-
-def _upsample(n, H, W):
-    return F.interpolate(n.unsqueeze(1), size=(H, W), mode="bilinear", align_corners=False).squeeze(1)
 
 
 def _upsample_adjoint(g, h, w):
@@ -54,17 +51,14 @@ def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     c = cam.clamp_min(0)
     lo, hi = c.amin(dim=(1, 2)), c.amax(dim=(1, 2))
     n = (c - lo[:, None, None]) / (hi - lo + eps)[:, None, None]
-    s = _upsample(n, H, W)
+    s = upsample(n, (H, W))
     masked = I32 * s.unsqueeze(1)
     zeros = s.new_zeros(B)
     l1 = torch.where(has_mask, (s - mask).abs().mean(dim=(1, 2)), zeros) if mask is not None else s.new_zeros(B)
     sum_p = (s + eps_kl).sum(dim=(1, 2))
     if prior is not None:
-        total_q = (prior + eps_kl).sum()
-        sum_q = total_q.expand(B)
-        p = (s + eps_kl) / sum_p[:, None, None]
-        q = (prior + eps_kl) / total_q
-        kl = (p * (p.log() - q.log())).sum(dim=(1, 2))
+        sum_q = (prior + eps_kl).sum().expand(B)
+        kl = _kl(s, prior, sum_p, sum_q, eps_kl)[0]
         if has_mask is not None:
             kl = torch.where(has_mask, zeros, kl)
     else:
@@ -89,8 +83,7 @@ def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, pri
         g_s += w_l1[:, None, None] * torch.sign(s32 - mask)
     if prior is not None:
         w_kl = grad_kl.to(acc) if has_mask is None else torch.where(has_mask, s32.new_zeros(B), grad_kl.to(acc))
-        kl = _kl_from(s32, prior, stats, eps_kl)
-        logpq = ((s32 + eps_kl) / stats[:, 2, None, None]).log() - ((prior + eps_kl) / stats[:, 3, None, None]).log()
+        kl, logpq = _kl(s32, prior, stats[:, 2], stats[:, 3], eps_kl)
         g_s += (w_kl / stats[:, 2])[:, None, None] * (logpq - kl[:, None, None])
     g_n = _upsample_adjoint(g_s, h, w)
     c = cam.clamp_min(0)
@@ -107,7 +100,8 @@ def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, pri
     return gA.to(A.dtype), gG.contiguous().to(G.dtype), gI.to(I.dtype)
 
 
-def _kl_from(s, prior, stats, eps_kl):
-    p = (s + eps_kl) / stats[:, 2, None, None]
-    q = (prior + eps_kl) / stats[:, 3, None, None]
-    return (p * (p.log() - q.log())).sum(dim=(1, 2))
+def _kl(s, prior, sum_p, sum_q, eps_kl):
+    """(KL(p ‖ q) per sample, log(p / q)) for p = (s + eps_kl) / sum_p, q = (prior + eps_kl) / sum_q."""
+    p = (s + eps_kl) / sum_p[:, None, None]
+    logpq = p.log() - ((prior + eps_kl) / sum_q[:, None, None]).log()
+    return (p * logpq).sum(dim=(1, 2)), logpq
