@@ -58,6 +58,16 @@ def test_table2_layout_and_who_beats_the_plain_classifier():
         assert name not in beats
 
 
+def test_a_gain_inside_the_seed_spread_is_marked():
+    results = {("resnet18", "baseline"): [payload(0.50), payload(0.60)],  # mean 0.55, std 0.0707
+               ("resnet18", "gradia"): [payload(0.58), payload(0.60)],  # +0.04: inside the spread
+               ("resnet18", "res-l"): [payload(0.70), payload(0.72)]}  # +0.16: outside
+    md = ex.table2_markdown(results, ["resnet18"], ["baseline", "gradia", "res-l"], "synthetic")
+    beats = [ln for ln in md.splitlines() if ln.startswith("- ResNet18")][0]
+    assert "GRADIA (+0.0400 acc, +0.0400 F1, within the seed spread)" in beats
+    assert "RES-L (+0.1600 acc, +0.1600 F1)" in beats
+
+
 def test_table4_change_in_points():
     results = {("resnet18", "full"): [payload(0.50)], ("resnet18", "visual+text"): [payload(0.49)],
                ("resnet18", "text"): [payload(0.45)], ("resnet18", "visual"): [payload(0.52)],
