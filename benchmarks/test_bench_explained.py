@@ -66,7 +66,7 @@ def vit_explained(m, x):
 
 def megl_models_explain(clf, x):
     """What MEGLModel.explain does, on the classifier alone."""
-    with torch.enable_grad():
+    with torch.set_grad_enabled(clf.gradcam_needs_autograd):
         out = clf(x)
         target = out.logits.argmax(1)
         grads = clf.gradcam_gradients(out, target, create_graph=False)
@@ -95,7 +95,10 @@ def _build(impl, model_name, size, device, dtype):
         from megl.models import build_classifier as megl_build_classifier
 
         torch.manual_seed(0)
-        config = Config(backbone=model_name, image_size=size, resnet_stem_maxpool=size >= 224)
+        # at 224 px the paper's ResNet18 (max-pool stem, layer4 stride 2: 7×7 maps), as the torchvision impl
+        paper = size >= 224
+        config = Config(backbone=model_name, image_size=size, resnet_stem_maxpool=paper,
+                        resnet_layer4_stride=2 if paper else 1)
         m = megl_build_classifier(config, benchutil.NUM_CLASSES)
         if model_name == "vit_b_16":  # torchvision zero-initialises the head
             torch.nn.init.normal_(m.head.head.weight, std=0.02)
