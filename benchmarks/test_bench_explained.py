@@ -11,8 +11,7 @@ bf16 on CUDA, fp32 on CPU, 224 px, random weights, target = the predicted class)
 
 impl "torchvision": the torchvision models with the taps above, written here (no autograd graph where none is
 needed). impl "megl.models" (when the package has it): the project's classifier as deployed, parameters
-trainable, and the calls of `MEGLModel.explain` (classifier forward under enable_grad, `gradcam_gradients`,
-fused op) against that classifier's forward under inference_mode.
+trainable, and the calls of `MEGLModel.explain` (`explain_forward`, `gradcam_gradients`, fused op) against that classifier's forward under inference_mode.
 """
 from __future__ import annotations
 
@@ -66,12 +65,13 @@ def vit_explained(m, x):
 
 def megl_models_explain(clf, x):
     """What MEGLModel.explain does, on the classifier alone."""
-    with torch.set_grad_enabled(clf.gradcam_needs_autograd):
-        out = clf(x)
-        target = out.logits.argmax(1)
+    out = clf.explain_forward(x)
+    target = out.logits.argmax(1)
+    with torch.set_grad_enabled(out.activations.requires_grad):
         grads = clf.gradcam_gradients(out, target, create_graph=False)
+    with torch.no_grad():
         sal = ops.fused_saliency(out.activations, grads, x)
-    return out.logits.detach(), sal.saliency.detach()
+    return out.logits.detach(), sal.saliency
 
 
 def _impls():

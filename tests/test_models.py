@@ -93,6 +93,25 @@ def test_saliency_is_normalised_and_predicted_class_by_default(vit):
     torch.testing.assert_close(model.saliency(batch["image"], pred).saliency, sal.saliency)
 
 
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_explain_forward_gives_the_training_forwards_saliency(name, request):
+    # explain_forward keeps only the graph Grad-CAM needs (none for ResNet18's closed form; the last block for
+    # ViT); its saliency must be the one of the full training-mode graph.
+    model, batch, _ = request.getfixturevalue(name)
+    model.eval()
+    clf, x = model.classifier, batch["image"]
+    full = clf(x)
+    target = full.logits.argmax(1)
+    want = model.gradcam(full, x, target, create_graph=False).saliency
+    lean = clf.explain_forward(x)
+    torch.testing.assert_close(lean.logits, full.logits, rtol=1e-5, atol=1e-6)
+    if name == "resnet":
+        assert lean.logits.grad_fn is None and not lean.activations.requires_grad
+    else:  # the activations are a leaf: nothing below them is differentiated
+        assert lean.activations.is_leaf and lean.activations.requires_grad
+    torch.testing.assert_close(model.explain(x)[1].saliency, want, rtol=1e-5, atol=1e-6)
+
+
 def test_prompt_labels_cover_only_the_rationale(resnet):
     model, batch, _ = resnet
     embed = model.llm.get_input_embeddings()

@@ -43,16 +43,20 @@ def load_state_dict_file(path: str) -> dict:
 class Classifier(nn.Module):
     grid: tuple[int, int]  # Grad-CAM map size h, w
     feature_dim: int  # D of the features
-    gradcam_needs_autograd = True  # inference must keep a graph to get the Grad-CAM gradients
 
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
         """d logit_target / d activations, (B, K, h, w); differentiable (create_graph) for training."""
         raise NotImplementedError
 
+    def explain_forward(self, image01: Tensor) -> ClassifierOutput:
+        """Inference forward from which `gradcam_gradients(out, t, create_graph=False)` works, with no more
+        autograd graph than that needs. Default: the full graph."""
+        with torch.enable_grad():
+            return self(image01)
+
 
 
 class ResNet18Classifier(Classifier):
-    gradcam_needs_autograd = False  # closed-form gradients
     def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, layer4_stride: int = 2,
                  weights: Optional[str] = None):
         super().__init__()
@@ -90,6 +94,10 @@ class ResNet18Classifier(Classifier):
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
         return gap_linear_gradcam_gradients(self.net.fc.weight, target, tuple(out.activations.shape[-2:]))
 
+    def explain_forward(self, image01: Tensor) -> ClassifierOutput:
+        with torch.no_grad():  # the closed form needs no graph
+            return self(image01)
+
     @property
     def head(self) -> nn.Linear:
         return self.net.fc
@@ -118,28 +126,41 @@ class ViTClassifier(Classifier):
 
     def forward(self, image01: Tensor) -> ClassifierOutput:
         if not torch.is_grad_enabled():
-            return self._forward(image01)
+            return self._top(self._trunk(image01))
         # The training loss differentiates Grad-CAM's gradients again (double backward); only the math SDPA
         # kernel has a second derivative (the fused CPU/flash kernels raise "derivative ... not implemented").
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
-            return self._forward(image01)
+            return self._top(self._trunk(image01))
 
-    def _forward(self, image01: Tensor) -> ClassifierOutput:
+    def explain_forward(self, image01: Tensor) -> ClassifierOutput:
+        """No graph below the Grad-CAM layer and no double backward: the blocks before the last run without
+        autograd, and the activations are a leaf that only the last block, final LayerNorm and head read."""
+        with torch.no_grad():
+            x = self._trunk(image01)
+        with torch.enable_grad():
+            return self._top(x, leaf_activations=True)
+
+    def _trunk(self, image01: Tensor) -> Tensor:
+        """Tokens (B, 1 + h*w, D) entering the last block."""
         n = self.net
         x = n._process_input(normalize_imagenet(image01))
-        B = x.shape[0]
-        x = torch.cat([n.class_token.expand(B, -1, -1), x], dim=1)
+        x = torch.cat([n.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         enc = n.encoder
         x = enc.dropout(x + enc.pos_embedding)
-        blocks = list(enc.layers)
-        for blk in blocks[:-1]:
+        for blk in list(enc.layers)[:-1]:
             x = blk(x)
-        last = blocks[-1]
+        return x
+
+    def _top(self, x: Tensor, leaf_activations: bool = False) -> ClassifierOutput:
+        n, enc = self.net, self.net.encoder
+        last = enc.layers[-1]
         y = last.ln_1(x)
-        g, D = self.grid, y.shape[-1]
+        B, g, D = x.shape[0], self.grid, y.shape[-1]
         act = y[:, 1:].transpose(1, 2).reshape(B, D, *g)  # Grad-CAM layer; the rest of the net reads it back
+        if leaf_activations:
+            act = act.detach().requires_grad_(True)
         y = torch.cat([y[:, :1], act.flatten(2).transpose(1, 2)], dim=1)
         y, _ = last.self_attention(y, y, y, need_weights=False)
         x = x + last.dropout(y)

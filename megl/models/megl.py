@@ -52,19 +52,21 @@ class MEGLModel(nn.Module):
         return fused_saliency(out.activations, grads, image01, mask, has_mask, prior,
                               backend=self.config.saliency_backend)
 
-    def _gradcam_grad_mode(self) -> torch.autograd.grad_mode.set_grad_enabled:
-        """Inference: autograd on only for a classifier whose Grad-CAM gradients need it (ViT); ResNet18's
-        closed form needs no graph, so none is built."""
-        return torch.set_grad_enabled(getattr(self.classifier, "gradcam_needs_autograd", True))
+    def _inference_gradcam(self, image01: Tensor, target: Optional[Tensor]) -> tuple[ClassifierOutput, Tensor,
+                                                                                       SaliencyOutput]:
+        """(classifier output, target, saliency) with autograd only where the Grad-CAM gradients need it."""
+        out = self.classifier.explain_forward(image01)
+        target = out.logits.argmax(1) if target is None else target.to(out.logits.device)
+        with torch.set_grad_enabled(out.activations.requires_grad):  # autograd Grad-CAM (ViT), not closed form
+            grads = self.classifier.gradcam_gradients(out, target, create_graph=False)
+        with torch.no_grad():
+            sal = fused_saliency(out.activations, grads, image01, backend=self.config.saliency_backend)
+        return out, target, sal
 
     def explain(self, image01: Tensor, target: Optional[Tensor] = None) -> tuple[Tensor, SaliencyOutput]:
         """Inference: (logits, saliency for `target`, default the predicted class); no graph is kept."""
-        with self._gradcam_grad_mode():
-            out = self.classifier(image01)
-            if target is None:
-                target = out.logits.argmax(1)
-            sal = self.gradcam(out, image01, target.to(out.logits.device), create_graph=False)
-        return out.logits.detach(), SaliencyOutput(*(t.detach() for t in sal))
+        out, _, sal = self._inference_gradcam(image01, target)
+        return out.logits.detach(), sal
 
     def saliency(self, image01: Tensor, target: Optional[Tensor] = None) -> SaliencyOutput:
         return self.explain(image01, target)[1]
@@ -88,11 +90,8 @@ class MEGLModel(nn.Module):
     def generate_rationales(self, image01: Tensor, class_ids: Optional[Tensor] = None,
                             max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy rationales for `class_ids` (default: the predicted classes)."""
-        with self._gradcam_grad_mode():
-            out = self.classifier(image01)
-            target = out.logits.argmax(1) if class_ids is None else class_ids.to(out.logits.device)
-            sal = self.gradcam(out, image01, target, create_graph=False)
-        V = self.sdtg(out.features.detach(), tuple(out.activations.shape[-2:]), self.clip_encoder(sal.masked.detach()))
+        out, target, sal = self._inference_gradcam(image01, class_ids)
+        V = self.sdtg(out.features.detach(), tuple(out.activations.shape[-2:]), self.clip_encoder(sal.masked))
         embed = self.llm.get_input_embeddings()
         names = [self.class_names[int(c)] for c in target]
         inputs, mask, positions = self.prompts.prompt_batch(embed, V, names)
