@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from megl.metrics import (DEFAULT_FRACTIONS, VisualMetrics, caption_metrics, check_java, classification_metrics,
-                          clip_scores, comprehensiveness_sufficiency, load_open_clip, pixel_scores)
+                          clip_scores, comprehensiveness_sufficiency, load_open_clip)
 
 
 def _explain(model, image: Tensor) -> tuple[Tensor, Tensor]:

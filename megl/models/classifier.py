@@ -55,7 +55,6 @@ class Classifier(nn.Module):
             return self(image01)
 
 
-
 class ResNet18Classifier(Classifier):
     def __init__(self, num_classes: int, image_size: int, stem_maxpool: bool = True, layer4_stride: int = 2,
                  weights: Optional[str] = None):

@@ -22,7 +22,6 @@ import re
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
