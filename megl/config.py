@@ -109,18 +109,16 @@ class Config:
         if self.backbone == "vit_b_16" and self.image_size % self.vit_patch_size:
             raise ValueError(f"image_size {self.image_size} must be a multiple of vit_patch_size {self.vit_patch_size}")
         # checked here, not as a ZeroDivisionError or an empty range after the first training step
-        positive = ("image_size", "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "max_new_tokens",
-                    "lora_r", "tokenizer_vocab_size")
-        for key in positive + ("max_steps_per_epoch",):
+        counts = {k: 1 for k in ("image_size", "epochs", "batch_size", "eval_batch_size", "checkpoint_every",
+                                 "max_new_tokens", "lora_r", "tokenizer_vocab_size", "max_steps_per_epoch")}
+        counts.update(num_workers=0, num_overlays=0)
+        for key, least in counts.items():
             value = getattr(self, key)
-            if value is None and key == "max_steps_per_epoch":
+            if value is None and key == "max_steps_per_epoch":  # None: no cap
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} = {value!r} must be a positive integer (--set {key}=N with N >= 1)")
-        for key in ("num_workers", "num_overlays"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key} = {value!r} must be an integer >= 0 (--set {key}=N)")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                what = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"{key} = {value!r} must be {what} (--set {key}=N with N >= {least})")
         for key in ("classifier_weights", "clip_weights", "data_root"):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
