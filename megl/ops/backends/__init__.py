@@ -14,8 +14,8 @@ _BACKENDS = {
     "cpp": ("megl.ops.backends.cpp", "pip install . (needs a C++ compiler; the pybind11 module megl._saliency_cpu)"),
     "cuda": (
         "megl.ops.backends.cuda",
-        "install with nvcc on PATH or CUDA_HOME set, without MEGL_SKIP_CUDA=1: pip install . "
-        "(builds megl._saliency_cuda), and run on a CUDA device",
+        "reinstall where a CUDA toolkit and a GPU (or TORCH_CUDA_ARCH_LIST) are found: pip install -v . says why "
+        "megl._saliency_cuda was skipped (MEGL_REQUIRE_CUDA=1 makes a skip an error); then run on a CUDA device",
     ),
     "triton": (
         "megl.ops.backends.triton",
