@@ -6,6 +6,7 @@
   search order and the architecture policy). When it cannot be built, the install goes on without it and says why;
   MEGL_REQUIRE_CUDA=1 makes that an error, MEGL_SKIP_CUDA=1 skips it.
 """
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # build isolatio
 import cuda_build  # noqa: E402
 
 REQUIRE_CUDA = cuda_build.env_flag(os.environ, "MEGL_REQUIRE_CUDA")
+BUILD_INFO = {"cuda_skipped": None}  # installed as megl/_build_info.json: the cuda backend's error repeats the reason
 
 
 def skip_cuda(reason: str) -> None:
@@ -26,11 +28,18 @@ def skip_cuda(reason: str) -> None:
     if REQUIRE_CUDA:
         sys.exit(f"megl: MEGL_REQUIRE_CUDA=1 but the CUDA module cannot be built: {reason}")
     print(f"megl: building without the CUDA backend: {reason}", file=sys.stderr, flush=True)
+    BUILD_INFO["cuda_skipped"] = reason
 
 
 class BuildExt(build_ext):
     """Compiles .cu sources with nvcc, everything else with the host compiler (with OpenMP). A failed CUDA build
     is skipped (the CPU module is what every install needs), unless MEGL_REQUIRE_CUDA=1."""
+
+    def run(self):
+        super().run()
+        out = os.path.join(os.path.dirname(self.get_ext_fullpath("megl._saliency_cpu")), "_build_info.json")
+        with open(out, "w") as f:
+            json.dump(BUILD_INFO, f)
 
     def build_extension(self, ext):
         if not any(src.endswith(".cu") for src in ext.sources):

@@ -1,5 +1,6 @@
 """How the build finds the CUDA toolkit and picks architectures (cuda_build.py), without running nvcc."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -148,7 +149,9 @@ def test_broken_nvcc_still_builds_the_cpu_module(tmp_path):
     res = run_setup(tmp_path, CUDA_HOME=str(root), TORCH_CUDA_ARCH_LIST="9.0")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "megl: building without the CUDA backend: CalledProcessError" in res.stderr
-    built = sorted(p.name.split(".")[0] for p in (tmp_path / "lib" / "megl").iterdir())
+    built = sorted(p.name.split(".")[0] for p in (tmp_path / "lib" / "megl").glob("*.so"))
     assert built == ["_saliency_cpu"]
+    info = json.loads((tmp_path / "lib" / "megl" / "_build_info.json").read_text())
+    assert info["cuda_skipped"].startswith("CalledProcessError")  # what the cuda backend's error will repeat
     res = run_setup(tmp_path / "again", CUDA_HOME=str(root), TORCH_CUDA_ARCH_LIST="9.0", MEGL_REQUIRE_CUDA="1")
     assert res.returncode != 0 and "MEGL_REQUIRE_CUDA=1" in res.stderr

@@ -6,6 +6,8 @@ backend never breaks the others.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from types import ModuleType
 
 # name -> (module, how to build it when missing)
@@ -29,11 +31,25 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+def build_skip_reason() -> str | None:
+    """Why the install skipped the CUDA module, as setup.py recorded it in megl/_build_info.json (None: not skipped
+    or not recorded)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("cuda_skipped")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def import_extension(name: str) -> tuple[ModuleType | None, str | None]:
     """The compiled module `megl.<name>` and None, or None and why it cannot be used (not built, or stale)."""
     try:
         ext = importlib.import_module(f"megl.{name}")
     except ImportError as err:
+        skipped = build_skip_reason() if name == "_saliency_cuda" else None
+        if skipped:
+            return None, f"the install built no megl.{name}: {skipped}"
         return None, f"the extension megl.{name} could not be imported: {err}"
     if not hasattr(ext, "forward"):
         return None, f"the extension {ext.__file__} is a stale build without the kernels; rebuild it"
