@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megl.errors import cli
 from megl.metrics import (DEFAULT_FRACTIONS, VisualMetrics, caption_metrics, check_java, classification_metrics,
                           clip_scores, comprehensiveness_sufficiency, load_open_clip)
 
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("megl.evaluate")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.clip_weights and not args.clip_model:
@@ -260,9 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--threshold must be in [0, 1], got {args.threshold}")
     if not os.path.isdir(args.run):
         raise SystemExit(f"run directory {args.run!r} not found; train one with `python -m megl.train --out DIR`")
-    from megl.runs import load_run
+    from megl.runs import check_device, load_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     run = load_run(args.run, device=device)
     if args.split not in run.splits:
         raise SystemExit(f"split {args.split!r} not in this run; available: {', '.join(sorted(run.splits))}")
