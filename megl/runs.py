@@ -222,7 +222,8 @@ def make_splits(config: Config):
             raise RunError(f"synthetic.image_size {opts['image_size']} != image_size {config.image_size}; "
                              "set image_size instead")
         return synthetic.make_splits(synthetic.SyntheticConfig(**opts))
-    return load_splits(config.data_root, image_size=config.image_size, seed=config.data_seed)
+    return load_splits(config.data_root, image_size=config.image_size, seed=config.data_seed,
+                       allow_external_paths=config.allow_external_paths)
 
 
 @dataclass
