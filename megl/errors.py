@@ -1,7 +1,7 @@
 """`UserError`: a problem the user can fix (bad input, config, path or run directory), and `cli`, the one place
 that turns it into a CLI's exit.
 
-Raise a UserError (or a subclass: DataError, ConfigError, RunError, ConvertError) with one line that names the
+Raise a UserError (or a subclass: DataError, ConfigError, RunError, WeightsError, ConvertError) with one line that names the
 problem and the fix; each command's `main` is wrapped in `cli(prog)`, which ends it with that line on stderr and
 a non-zero exit status, without a traceback. Everything else still raises: it is a bug, and the traceback helps.
 """
@@ -13,6 +13,10 @@ from typing import Callable
 
 class UserError(Exception):
     """A problem the user can fix; the message names it and the fix."""
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file or model directory that cannot be loaded into the configured model."""
 
 
 def cli(prog: str) -> Callable:
@@ -31,4 +35,4 @@ def cli(prog: str) -> Callable:
     return wrap
 
 
-__all__ = ["UserError", "cli"]
+__all__ = ["UserError", "WeightsError", "cli"]

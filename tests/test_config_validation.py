@@ -74,3 +74,22 @@ def test_train_cli_refuses_before_writing_anything(tmp_path, pair):
     with pytest.raises(SystemExit, match=f"^megl.train: error: .*--set") as e:
         main(["--out", str(tmp_path / "run"), "--set", pair])
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_train_cli_names_a_bad_config_file(tmp_path):
+    from megl.train import main
+
+    bad = tmp_path / "cfg.json"
+    bad.write_text("{'lr': 1}")
+    with pytest.raises(SystemExit, match=f"^megl.train: error: {bad} is not valid JSON \\(line 1") as e:
+        main(["--config", str(bad), "--out", str(tmp_path / "run")])
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_data_errors_inside_train_are_one_line(tmp_path):
+    from megl.train import main
+
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(SystemExit, match=r"^megl.train: error: .*exp_annotation.json not found") as e:
+        main(["--data-root", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "Traceback" not in str(e.value) and not (tmp_path / "run").exists()
