@@ -98,6 +98,8 @@ def build_then_swap(out, *, keep_previous: bool = False) -> Iterator[Staging]:
     A new `out` appears in one rename; an existing one is updated entry by entry, each rename atomic.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a directory to build into")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Staging(Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{STAGING}{out.name}.")))
     try:

@@ -96,3 +96,11 @@ def test_mask_file_names_are_unique(tmp_path):
     assert ann["a b"]["visual_exp"] != ann["a_b"]["visual_exp"]
     np.testing.assert_array_equal(np.load(out / ann["a b"]["visual_exp"]), first)
     np.testing.assert_array_equal(np.load(out / ann["a_b"]["visual_exp"]), second)
+
+
+def test_out_that_is_a_file_is_refused_and_kept(actx_raw):
+    out = actx_raw["tmp"] / "notes.txt"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match=r"^megl.data.convert: error: --out .*notes.txt is a file"):
+        main(_actx(actx_raw, out))
+    assert out.read_text() == "mine" and not [p for p in out.parent.iterdir() if p.name.startswith(".")]

@@ -508,6 +508,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.min_count < 1 or args.max_classes < 0:
         raise ConvertError("--min-count must be >= 1 and --max-classes >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConvertError(f"--out {args.out} is a file: give the dataset's directory")
     if (args.out / "exp_annotation.json").exists() and not args.overwrite:  # fail before reading the inputs
         raise ConvertError(f"{args.out / 'exp_annotation.json'} exists: pass --overwrite to replace it")
     (convert_vqax if args.dataset == "vqax" else convert_actx)(args)
