@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from megl.errors import cli
+from megl.files import atomic_write
 from megl.metrics import (DEFAULT_FRACTIONS, VisualMetrics, caption_metrics, check_java, classification_metrics,
                           clip_scores, comprehensiveness_sufficiency, load_open_clip)
 
@@ -219,10 +221,7 @@ def write_outputs(metrics: dict, out_dir: str, *, backbone: str, method: str, da
     paths = {"metrics": os.path.join(out_dir, "metrics.json"), "tables": os.path.join(out_dir, "tables.md")}
     payload = {"split": split, "dataset": dataset, "backbone": backbone, "method": method, "settings": settings,
                "notes": list(notes), "metrics": metrics}
-    tmp = paths["metrics"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, paths["metrics"])
+    atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     with open(paths["tables"], "w") as f:
         f.write(tables)
     paths["report"] = write_html_report(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from megl.errors import UserError, cli
-from megl.files import safe_stem
+from megl.files import atomic_write, safe_stem
 
 
 def overlay(image01: Tensor, saliency: Tensor, alpha: float = 0.5) -> np.ndarray:
@@ -36,11 +36,7 @@ def save_panel(path, image01: Tensor, saliency: Tensor, mask: Tensor | None = No
         panels.append(np.repeat((mask.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)[..., None], 3, 2))
     pic = Image.fromarray(np.concatenate(panels, axis=1))
     pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pic.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pic.save(tmp, format="PNG"))
 
 
 def load_image(path, size: int) -> Tensor:

@@ -109,7 +109,8 @@ def load_run_tokenizer(run_dir, config: Config):
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir, model_state: dict[str, torch.Tensor], optimizer_state: dict, rng: dict[str, torch.Tensor],
                     state: dict[str, Any]) -> None:
-    """One file holds everything needed to resume, so a single os.replace makes it consistent.
+    """One file holds everything needed to resume; it and last.json are written into a new folder that
+    checkpoints/ is re-linked to in one rename, so a kill at any moment leaves a consistent pair.
 
     Tensors: "model/<name>", "optim/<param index>/<key>", "rng/<rank>/<name>" (each rank's RNG states and running
     loss sum). Metadata: {"state", "optim"} as JSON
