@@ -248,6 +248,11 @@ def load_run(run_dir, device: str = "cpu") -> Run:
     splits = make_splits(config)
     tokenizer = load_run_tokenizer(run_dir, config)
     model = build_model(config, splits["train"].class_names, tokenizer, device=device)
-    model.load_checkpoint_state_dict(ckpt[0])
+    try:
+        model.load_checkpoint_state_dict(ckpt[0])
+    except (ValueError, RuntimeError) as e:  # other keys / shapes: config.json no longer describes this model
+        detail = str(e).strip().splitlines()[-1].strip()[:200]
+        raise RunError(f"{run_dir / CHECKPOINT} does not fit the model {run_dir / 'config.json'} describes ({detail}); "
+                       "restore the run's config.json") from None
     model.eval()
     return Run(config, model, splits, load_prior(run_dir).to(device), run_dir)

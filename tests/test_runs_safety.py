@@ -168,3 +168,13 @@ def test_predict_and_evaluate_errors_are_one_line(finished_run, run_copy, tmp_pa
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"^megl.predict: error: --device cuda: CUDA is not available"):
             predict(["--run", str(finished_run), "--device", "cuda", img])
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(run_copy):
+    from megl.evaluate import main as evaluate
+
+    cfg = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**cfg, "tiny_llm_hidden": 64}))  # edited by hand
+    with pytest.raises(SystemExit, match=r"^megl.evaluate: error: .*last.safetensors does not fit the model") as e:
+        evaluate(["--run", str(run_copy), "--no-text"])
+    assert "\n" not in str(e.value) and not (run_copy / "eval").exists()
