@@ -187,6 +187,16 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     return model_state, optimizer_state, rng, json.loads(meta["state"])
 
 
+def restore_model(model, model_state: dict, run_dir) -> None:
+    """Load a checkpoint's model tensors, or a RunError when config.json no longer describes that model."""
+    try:
+        model.load_checkpoint_state_dict(model_state)
+    except (ValueError, RuntimeError) as e:  # other keys or shapes: config.json was edited
+        detail = str(e).strip().splitlines()[-1].strip()[:200]
+        raise RunError(f"{Path(run_dir) / CHECKPOINT} does not fit the model {Path(run_dir) / 'config.json'} "
+                       f"describes ({detail}); restore the run's config.json") from None
+
+
 def write_metrics(run_dir, metrics: list[dict]) -> None:
     write_json(Path(run_dir) / "metrics.json", metrics)
 
@@ -248,11 +258,6 @@ def load_run(run_dir, device: str = "cpu") -> Run:
     splits = make_splits(config)
     tokenizer = load_run_tokenizer(run_dir, config)
     model = build_model(config, splits["train"].class_names, tokenizer, device=device)
-    try:
-        model.load_checkpoint_state_dict(ckpt[0])
-    except (ValueError, RuntimeError) as e:  # other keys / shapes: config.json no longer describes this model
-        detail = str(e).strip().splitlines()[-1].strip()[:200]
-        raise RunError(f"{run_dir / CHECKPOINT} does not fit the model {run_dir / 'config.json'} describes ({detail}); "
-                       "restore the run's config.json") from None
+    restore_model(model, ckpt[0], run_dir)
     model.eval()
     return Run(config, model, splits, load_prior(run_dir).to(device), run_dir)

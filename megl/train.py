@@ -229,7 +229,7 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": []}
     if ckpt is not None:
         model_state, optim_state, rng, state = ckpt
-        model.load_checkpoint_state_dict(model_state)
+        runs.restore_model(model, model_state, run_dir)
         optimizer.load_state_dict(optim_state)
         mine = {k.split("/", 1)[1]: v for k, v in rng.items() if k.startswith(f"{d.rank}/")}
         if not mine:

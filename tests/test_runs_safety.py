@@ -178,3 +178,5 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(run_copy):
     with pytest.raises(SystemExit, match=r"^megl.evaluate: error: .*last.safetensors does not fit the model") as e:
         evaluate(["--run", str(run_copy), "--no-text"])
     assert "\n" not in str(e.value) and not (run_copy / "eval").exists()
+    with pytest.raises(SystemExit, match=r"^megl.train: error: .*does not fit the model"):
+        main(["--resume", str(run_copy), "--epochs", "2", "--no-progress"])
