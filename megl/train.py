@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -388,8 +389,15 @@ def main(argv=None) -> int:
     problem = d.broadcast(out_dir_problem(run_dir, args.force) if d.main and not resume else None)
     if problem:
         raise UserError(problem)
+    new_dir = not resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
     try:
         train(config, run_dir, d, resume=resume, progress=not args.no_progress)
+    except UserError:
+        # refused during setup (weights, data): a directory this run created holds nothing worth keeping, and
+        # left in place it would make the corrected command refuse a non-empty --out
+        if new_dir and d.main and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -119,6 +119,7 @@ def test_weights_of_the_wrong_model_are_one_line(resnet_file, tmp_path):
     with pytest.raises(SystemExit, match=r"^megl.train: error: .*wrong.pth.*resnet18") as e:
         _train(tmp_path / "run", f"classifier_weights={wrong}")
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # the refused run leaves nothing, so the fixed command can reuse --out
     with pytest.raises(SystemExit, match=r"^megl.train: error: .*clip_weights"):
         _train(tmp_path / "run2", f"clip_model={CLIP_NAME}", f"clip_weights={wrong}")
 
