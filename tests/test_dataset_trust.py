@@ -136,3 +136,13 @@ def test_training_overlays_stay_inside_the_run(tmp_path):
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
     assert len(written) == 3 and all(p.parts[:2] == ("run", "overlays") and len(p.parts) == 3 for p in written)
     assert Path("run/overlays/ok.png") in written
+
+
+def test_a_dataset_with_no_usable_item_is_one_line(tmp_path, outside):
+    from megl.train import main
+
+    root = _dataset(tmp_path / "ds", {"a": _item(0, str(outside / "secret.png")), "b": _item(1, "images/none.png")})
+    (root / "images" / "none.png").unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=r"^megl.train: error: no usable item .*path outside the dataset: 1") as e:
+        main(["--data-root", str(root), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "\n" not in str(e.value)

@@ -57,6 +57,11 @@ class LoadReport:
     def clean(self) -> bool:
         return not (self.skipped or self.masks_dropped or self.notes)
 
+    def brief(self) -> str:
+        """One line: how many items were loaded and skipped, by reason (for an error message)."""
+        skips = ", ".join(f"{r}: {n}" for r, n in sorted(self.skip_counts().items(), key=lambda kv: -kv[1]))
+        return f"loaded {self.loaded} of {self.total} items" + (f"; skipped {skips}" if skips else "")
+
     def summary(self, examples: int = 3) -> str:
         lines = [f"{self.root}: loaded {self.loaded} of {self.total} items"]
         for title, entries in (("skipped items", self.skipped), ("dropped masks (item kept)", self.masks_dropped)):
@@ -466,7 +471,8 @@ def load_splits(
 
     report.loaded = len(kept)
     if not kept:
-        raise DataError(f"no usable item in {root / annotation}:\n{report.summary()}")
+        raise DataError(f"no usable item in {root / annotation}: {report.brief()}; see "
+                        "megl.data.load_splits(root).report or strict=True for the items")
     out = {}
     for split in SPLITS:
         rows = [k for k in kept if assign[k[0]] == split]
