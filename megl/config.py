@@ -239,9 +239,9 @@ def check_preset_paths(config: Config, preset: str) -> None:
     for key, what in PRESET_PATHS.items():
         value = getattr(config, key)
         if value in (None, TINY) or not os.path.exists(str(value)):
-            missing.append(f"  {key}: {what}; got {value!r} -> pass --set {key}=/path")
+            missing.append(f"{key} ({what}; got {value!r}): pass --set {key}=/path")
     if missing:
-        raise ConfigError(f"preset {preset!r} needs local weights that are missing:\n" + "\n".join(missing))
+        raise ConfigError(f"preset {preset!r} needs local weights that are missing: " + "; ".join(missing))
 
 
 def parse_value(text: str) -> Any:

@@ -143,6 +143,7 @@ def test_cli_errors_are_clear(tmp_path):
         main(["--preset", "paper-resnet18", "--out", str(tmp_path / "p")])
     err = str(e.value)
     assert err.startswith("megl.train: error: ") and "clip_weights" in err and "llm" in err and "--set" in err
+    assert "\n" not in err
     with pytest.raises(SystemExit, match="no_such_key"):
         main(["--set", "no_such_key=1", "--out", str(tmp_path / "q")])
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
