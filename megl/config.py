@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megl.errors import UserError
+
 BACKBONES = ("resnet18", "vit_b_16")
 TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, key or file that cannot be used; the message gives the `--set` or file fix."""
+
+
+# Numeric fields are checked by their annotation (int / float / Optional), every one: a number must be finite and
+# in [least, most], by default >= 0. Only the exceptions are listed here; a field added later is checked as it is.
+LIMITS: dict[str, tuple[Optional[float], Optional[float]]] = {
+    **{k: (1, None) for k in ("image_size", "epochs", "batch_size", "eval_batch_size", "checkpoint_every",
+                              "max_new_tokens", "lora_r", "lora_alpha", "tokenizer_vocab_size", "max_steps_per_epoch",
+                              "clip_image_size", "tiny_clip_width", "tiny_clip_layers", "tiny_clip_patch",
+                              "tiny_llm_hidden", "tiny_llm_layers", "tiny_llm_heads", "vit_patch_size", "vit_layers",
+                              "vit_heads", "vit_hidden", "vit_mlp")},
+    "resnet_layer4_stride": (1, 2),
+    "lora_dropout": (0, 1),
+    "clip_feature_layer": (None, None),  # a block index; negative counts from the end
+}
 
 
 @dataclass
@@ -28,6 +50,7 @@ class Config:
     data_root: Optional[str] = None
     image_size: int = 64
     synthetic: dict = field(default_factory=dict)  # overrides of megl.data.synthetic.SyntheticConfig
+    allow_external_paths: bool = False  # read image_path / visual_exp that are absolute or leave data_root (../)
 
     # --- classifier
     backbone: str = "resnet18"
@@ -73,6 +96,7 @@ class Config:
     use_visual: bool = True  # L1(Â, A) on annotated samples
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
+    uniform_prior: bool = False  # Ā uniform when no training image has a mask (else such a run is refused)
     saliency_backend: str = "auto"
     method_args: dict = field(default_factory=dict)  # hyper-parameters of the comparison methods
 
@@ -93,42 +117,101 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict, source: Optional[str] = None) -> "Config":
+        """`source`: the file `d` came from, named in the error."""
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; valid keys are the fields of megl.config.Config")
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}unknown config keys {unknown}; valid keys are the fields of megl.config.Config")
         return cls(**d)
 
     def validate(self) -> "Config":
+        for key, value in check_fields(type(self), vars(self)).items():
+            setattr(self, key, value)
+        self.synthetic = check_fields(_synthetic_config(), self.synthetic, prefix="synthetic.")
+        if self.data_root is None:
+            try:  # its own range checks
+                _synthetic_config()(**{"image_size": self.image_size, "seed": self.data_seed, **self.synthetic})
+            except ValueError as e:
+                raise ConfigError(f"synthetic: {e} (--set synthetic.KEY=VALUE)") from None
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone {self.backbone!r} is not supported; choose one of {', '.join(BACKBONES)}")
+            raise ConfigError(f"backbone {self.backbone!r} is not supported; choose one of {', '.join(BACKBONES)}")
         from megl.losses import METHODS
 
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
         if self.backbone == "vit_b_16" and self.image_size % self.vit_patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of vit_patch_size {self.vit_patch_size}")
-        # checked here, not as a ZeroDivisionError or an empty range after the first training step
-        counts = {k: 1 for k in ("image_size", "epochs", "batch_size", "eval_batch_size", "checkpoint_every",
-                                 "max_new_tokens", "lora_r", "tokenizer_vocab_size", "max_steps_per_epoch")}
-        counts.update(num_workers=0, num_overlays=0)
-        for key, least in counts.items():
-            value = getattr(self, key)
-            if value is None and key == "max_steps_per_epoch":  # None: no cap
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                what = "a positive integer" if least else "an integer >= 0"
-                raise ValueError(f"{key} = {value!r} must be {what} (--set {key}=N with N >= {least})")
+            raise ConfigError(f"image_size {self.image_size} must be a multiple of vit_patch_size {self.vit_patch_size}")
         for key in ("classifier_weights", "clip_weights", "data_root"):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
-                raise FileNotFoundError(f"{key} = {path!r} does not exist; fix the path (--set {key}=PATH) or drop it")
+                raise ConfigError(f"{key} = {path!r} does not exist; fix the path (--set {key}=PATH) or drop it")
         if self.llm != TINY and not os.path.isdir(self.llm):
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"llm = {self.llm!r} is not a directory: give a local Vicuna v1.5 (or Llama) checkpoint "
                 f"directory with --set llm=PATH, or use llm=tiny"
             )
         return self
+
+
+def _synthetic_config():
+    from megl.data.synthetic import SyntheticConfig
+
+    return SyntheticConfig
+
+
+def _expect(key: str, value: Any, what: str, example: str, optional: bool) -> ConfigError:
+    null = " or null" if optional else ""
+    return ConfigError(f"{key} = {value!r} must be {what}{null} (--set {key}={example})")
+
+
+def check_fields(cls, values: dict, prefix: str = "") -> dict:
+    """Check `values` against the annotated fields of the dataclass `cls`: known keys, types (an int is accepted
+    for a float and made one), numbers finite and within LIMITS. Returns the values, coerced."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        name = prefix + key
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown key; valid keys: {', '.join(sorted(fields))} (--set {prefix}KEY=VALUE)")
+        kind, optional = hints[key], False
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is typing.Union and type(None) in args:
+            optional, kind = True, next(a for a in args if a is not type(None))
+        if value is None and optional:
+            continue
+        kind = typing.get_origin(kind) or kind
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise _expect(name, value, "true or false", "true", optional)
+        elif kind in (int, float):
+            least, most = LIMITS.get(key, (0, None))
+            integer = kind is int
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+            ok = ok and not isinstance(value, bool)
+            ok = ok and (least is None or value >= least) and (most is None or value <= most)
+            if not ok:
+                what = ("a positive integer" if integer and least == 1 and most is None else
+                        "an integer" if integer and least is None else
+                        f"an integer >= {least}" if integer and most is None else
+                        f"an integer in [{least}, {most}]" if integer else
+                        "a finite number" if least is None else
+                        f"a finite number >= {least}" if most is None else f"a finite number in [{least}, {most}]")
+                example = default if isinstance(default, (int, float)) and not isinstance(default, bool) else least
+                raise _expect(name, value, what, "N" if example is None else str(example), optional)
+            if not integer:
+                out[key] = float(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise _expect(name, value, "a string", "TEXT", optional)
+        elif kind in (list, dict):
+            if not isinstance(value, kind):
+                raise _expect(name, value, f"a JSON {'list' if kind is list else 'object'}",
+                              "'[...]'" if kind is list else "'{...}'", optional)
+    return out
 
 
 # Paper settings (§4.4): CLIP ViT-L-14, Vicuna v1.5 7B with LoRA, frozen vision tower, 224 px.
@@ -156,9 +239,9 @@ def check_preset_paths(config: Config, preset: str) -> None:
     for key, what in PRESET_PATHS.items():
         value = getattr(config, key)
         if value in (None, TINY) or not os.path.exists(str(value)):
-            missing.append(f"  {key}: {what}; got {value!r} -> pass --set {key}=/path")
+            missing.append(f"{key} ({what}; got {value!r}): pass --set {key}=/path")
     if missing:
-        raise FileNotFoundError(f"preset {preset!r} needs local weights that are missing:\n" + "\n".join(missing))
+        raise ConfigError(f"preset {preset!r} needs local weights that are missing: " + "; ".join(missing))
 
 
 def parse_value(text: str) -> Any:
@@ -175,18 +258,35 @@ def apply_overrides(d: dict, pairs: list[str]) -> dict:
     valid = {f.name for f in dataclasses.fields(Config)}
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         head, _, sub = key.partition(".")
         if head not in valid:
-            raise ValueError(f"--set {key}: unknown config key {head!r}; valid keys: {', '.join(sorted(valid))}")
+            raise ConfigError(f"--set {key}: unknown config key {head!r}; valid keys: {', '.join(sorted(valid))}")
         if sub:
             if not isinstance(d.get(head), dict):
-                raise ValueError(f"--set {key}: {head!r} is not a dict field")
+                raise ConfigError(f"--set {key}: {head!r} is not a dict field")
             d[head][sub] = parse_value(value)
         else:
             d[head] = parse_value(value)
     return d
+
+
+def read_config_file(path) -> dict:
+    """A JSON object of Config fields; every problem names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{path} is not valid JSON{where}: fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file must hold a JSON object of Config fields")
+    return loaded
 
 
 def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, overrides: Optional[dict] = None,
@@ -195,13 +295,11 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None, ove
     d = Config().to_dict()
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         d.update(PRESETS[preset])
     if config_file is not None:
-        with open(config_file) as f:
-            loaded = json.load(f)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_file}: a config file must hold a JSON object of Config fields")
+        loaded = read_config_file(config_file)
+        Config.from_dict({**d, **loaded}, source=config_file)  # unknown keys named with the file
         d.update(loaded)
     d.update({k: v for k, v in (overrides or {}).items() if v is not None})
     d = apply_overrides(d, sets or [])

@@ -20,12 +20,15 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from megl.errors import cli
+from megl.files import atomic_write
 from megl.metrics import (DEFAULT_FRACTIONS, VisualMetrics, caption_metrics, check_java, classification_metrics,
                           clip_scores, comprehensiveness_sufficiency, load_open_clip)
 
@@ -218,10 +221,7 @@ def write_outputs(metrics: dict, out_dir: str, *, backbone: str, method: str, da
     paths = {"metrics": os.path.join(out_dir, "metrics.json"), "tables": os.path.join(out_dir, "tables.md")}
     payload = {"split": split, "dataset": dataset, "backbone": backbone, "method": method, "settings": settings,
                "notes": list(notes), "metrics": metrics}
-    tmp = paths["metrics"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, paths["metrics"])
+    atomic_write(paths["metrics"], lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     with open(paths["tables"], "w") as f:
         f.write(tables)
     paths["report"] = write_html_report(
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("megl.evaluate")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.clip_weights and not args.clip_model:
@@ -260,9 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--threshold must be in [0, 1], got {args.threshold}")
     if not os.path.isdir(args.run):
         raise SystemExit(f"run directory {args.run!r} not found; train one with `python -m megl.train --out DIR`")
-    from megl.runs import load_run
+    from megl.runs import check_device, load_run
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     run = load_run(args.run, device=device)
     if args.split not in run.splits:
         raise SystemExit(f"split {args.split!r} not in this run; available: {', '.join(sorted(run.splits))}")

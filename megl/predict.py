@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megl.errors import UserError, cli
+from megl.files import atomic_write, safe_stem
+
 
 def overlay(image01: Tensor, saliency: Tensor, alpha: float = 0.5) -> np.ndarray:
     """(3,H,W) image in [0,1] and (H,W) saliency in [0,1] -> (H,W,3) uint8 jet-coloured blend."""
@@ -33,20 +36,18 @@ def save_panel(path, image01: Tensor, saliency: Tensor, mask: Tensor | None = No
         panels.append(np.repeat((mask.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)[..., None], 3, 2))
     pic = Image.fromarray(np.concatenate(panels, axis=1))
     pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pic.save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: pic.save(tmp, format="PNG"))
 
 
 def load_image(path, size: int) -> Tensor:
+    from PIL import Image
+
     from megl.data.dataset import read_image_file
 
     try:
         return read_image_file(path, size).float() / 255.0
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"megl.predict: cannot read image {path}: {e}") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 def predict(run, paths, out_dir, device="cpu", max_new_tokens=None) -> list[dict]:
@@ -56,9 +57,9 @@ def predict(run, paths, out_dir, device="cpu", max_new_tokens=None) -> list[dict
     probs = logits.softmax(1)
     pred = probs.argmax(1)
     rationales = model.generate_rationales(images, pred, max_new_tokens=max_new_tokens)
-    results = []
+    results, used = [], set()
     for i, p in enumerate(paths):
-        png = Path(out_dir) / f"{Path(p).stem}_saliency.png"
+        png = Path(out_dir) / f"{safe_stem(Path(p).stem, used)}_saliency.png"  # a/x.png, b/x.png: two files
         save_panel(png, images[i], sal.saliency[i])
         c = int(pred[i])
         results.append({"image": str(p), "label": model.class_names[c], "class_id": c,
@@ -66,6 +67,7 @@ def predict(run, paths, out_dir, device="cpu", max_new_tokens=None) -> list[dict
     return results
 
 
+@cli("megl.predict")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megl.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,11 +77,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args(argv)
-    from megl.runs import load_run
+    from megl.runs import check_device, load_run
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         ap.error(f"image file(s) not found: {', '.join(missing)}")
+    check_device(args.device)
     run = load_run(args.run, device=args.device)
     out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
     for r in predict(run, args.images, out_dir, args.device, args.max_new_tokens):

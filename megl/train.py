@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from megl import runs
 from megl.config import Config, resolve
+from megl.errors import UserError, cli
 
 ABLATIONS = {  # paper Table 4: which explanation modules are on
     "full": dict(use_visual=True, use_text=True, use_consistency=True),
@@ -47,8 +49,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        runs.check_device(device)
         if device == "cuda":  # one GPU per process under torchrun
             device = f"cuda:{local}"
         self.device = torch.device(device)
@@ -132,6 +133,7 @@ def evaluate(model, split, config: Config, d: Dist) -> dict:
 
 def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     from megl.data import collate
+    from megl.files import safe_stem
     from megl.predict import save_panel
 
     ds = split.expanded(False)
@@ -140,9 +142,11 @@ def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     items = [ds[i] for i in range(min(n, len(ds)))]
     batch = to_device(collate(items), device)
     _, sal = model.explain(batch["image"])
+    used: set[str] = set()
     for i, item in enumerate(items):
         mask = batch["mask"][i] if item["has_mask"] else None
-        save_panel(run_dir / "overlays" / f"{item['id']}.png", batch["image"][i], sal.saliency[i], mask)
+        name = safe_stem(item["id"], used)  # ids come from the dataset: "../x" must not leave overlays/
+        save_panel(run_dir / "overlays" / f"{name}.png", batch["image"][i], sal.saliency[i], mask)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -197,13 +201,23 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     if config.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=d.device.type == "cuda")
     t0 = time.time()
+    # everything that can refuse the run happens before the first write: a resume needs a readable checkpoint
+    ckpt = runs.load_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise runs.RunError(f"{run_dir} has no checkpoint ({run_dir / runs.CHECKPOINT} not found): nothing to "
+                            "resume; start a new run with --out DIR")
     splits = runs.make_splits(config)
     train_split = splits["train"]
     class_names = train_split.class_names
-    needs_prior = config.method == "megl" and config.use_consistency
+    needs_prior = config.method == "megl" and config.use_consistency and not config.uniform_prior
+    if needs_prior and not bool(train_split.has_masks.any()):
+        raise UserError(f"no training image has a mask ({train_split.num_images} images), so --method megl has no "
+                        "mean-mask prior for its consistency loss: add masks (visual_exp), or pass --set "
+                        "use_consistency=false, --method baseline, or --set uniform_prior=true")
     prior = mean_mask_prior(train_split, on_missing="error" if needs_prior else "uniform").to(d.device)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        runs.remove_stale_files(run_dir)
         runs.save_config(run_dir, config)
         runs.save_prior(run_dir, prior)
         if config.llm == "tiny" and not (run_dir / "tokenizer").exists():
@@ -214,15 +228,14 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     model = build_model(config, class_names, tokenizer, device=d.device)
     optimizer = make_optimizer(model, config)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": []}
-    ckpt = runs.load_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         model_state, optim_state, rng, state = ckpt
-        model.load_checkpoint_state_dict(model_state)
+        runs.restore_model(model, model_state, run_dir)
         optimizer.load_state_dict(optim_state)
         mine = {k.split("/", 1)[1]: v for k, v in rng.items() if k.startswith(f"{d.rank}/")}
         if not mine:
-            raise RuntimeError(f"checkpoint in {run_dir} has no RNG state for rank {d.rank}: resume with the same "
-                               "number of processes it was written with")
+            raise runs.RunError(f"checkpoint in {run_dir} has no RNG state for rank {d.rank}: resume with the same "
+                                "number of processes it was written with")
         if state["step_in_epoch"] > 0:
             set_rng_state(mine, d.device)
         if "loss" in mine:  # this rank's own running loss, not rank 0's
@@ -323,6 +336,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    ap.add_argument("--force", action="store_true",
+                    help="write into an --out directory that is not empty (its files of the same names are replaced)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return ap.parse_args(argv)
 
@@ -338,9 +353,9 @@ def build_config(args) -> tuple[Config, Optional[Path], bool]:
         ignored = [k for k in ("config", "preset", "data_root", "backbone", "method", "ablation", "batch_size", "seed")
                    if getattr(args, k)] + (["--set"] if args.set else [])
         if ignored:
-            raise SystemExit(f"--resume continues the run as configured in {run_dir}/config.json; only --epochs and "
+            raise UserError(f"--resume continues the run as configured in {run_dir}/config.json; only --epochs and "
                              f"--device may change (got {', '.join(ignored)})")
-        return Config.from_dict(d).validate(), run_dir, True
+        return Config.from_dict(d, source=str(run_dir / "config.json")).validate(), run_dir, True
     overrides = {"data_root": args.data_root, "epochs": args.epochs, "backbone": args.backbone, "device": args.device,
                  "method": args.method, "batch_size": args.batch_size, "seed": args.seed}
     if args.ablation:
@@ -349,22 +364,40 @@ def build_config(args) -> tuple[Config, Optional[Path], bool]:
     return config, Path(args.out) if args.out else None, False
 
 
+def out_dir_problem(run_dir: Path, force: bool) -> Optional[str]:
+    """Why a new run must not write into `run_dir` (None: it may): a run or other files are there."""
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--out {run_dir} is a file, not a directory; choose another --out"
+    if not entries or force:
+        return None
+    if "checkpoints" in entries:
+        return (f"{run_dir} already holds a run; continue it with --resume {run_dir}, choose another --out, or pass "
+                "--force to train a new run over it")
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    return f"--out {run_dir} is not empty ({shown}); choose a new or empty directory, or pass --force to write into it"
+
+
+@cli("megl.train")
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        config, run_dir, resume = build_config(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"megl.train: {e}", file=sys.stderr)
-        return 2
+    config, run_dir, resume = build_config(args)
     d = Dist(config.device)
     if run_dir is None:
         run_dir = Path(d.broadcast("runs/" + datetime.now().strftime("%Y%m%d-%H%M%S")))
-    if not resume and (run_dir / "checkpoints").exists():
-        print(f"megl.train: {run_dir} already holds a run; continue it with --resume {run_dir} or choose another "
-              "--out", file=sys.stderr)
-        return 2
+    # rank 0 decides, before any rank writes, so a fast rank's config.json cannot make another refuse
+    problem = d.broadcast(out_dir_problem(run_dir, args.force) if d.main and not resume else None)
+    if problem:
+        raise UserError(problem)
+    new_dir = not resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
     try:
         train(config, run_dir, d, resume=resume, progress=not args.no_progress)
+    except UserError:
+        # refused during setup (weights, data): a directory this run created holds nothing worth keeping, and
+        # left in place it would make the corrected command refuse a non-empty --out
+        if new_dir and d.main and not (run_dir / "checkpoints").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()

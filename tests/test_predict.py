@@ -35,7 +35,7 @@ def test_load_run_rebuilds_the_trained_model(saved_run):
 
 
 def test_load_run_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(runs.RunError, match="config.json"):
         runs.load_run(tmp_path)
 
 

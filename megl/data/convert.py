@@ -10,7 +10,9 @@
 Every filter that decides which samples and classes survive is an option with its default shown in --help; the
 converter prints how many entries each filter removed and Table-1-style statistics of the result.
 Masks: files in --visual folders named <sample id>.npy|png|jpg (one annotator) or <sample id>_<k>.<ext> (annotator k);
-they are written as masks/<id>.npy, (H,W) or (k,H,W) float32 in [0,1].
+they are written as masks/<id>.npy (the id made file-safe and unique), (H,W) or (k,H,W) float32 in [0,1].
+The dataset is built in a staging folder beside --out and swapped in when complete: a failure leaves --out as it
+was, and an input inside --out (re-converting from a dataset's own images) is never deleted or overwritten.
 """
 from __future__ import annotations
 
@@ -26,16 +28,16 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from megl.errors import UserError, cli
+from megl.files import build_then_swap, safe_stem
+
 from .stats import format_statistics
 
 MASK_EXTS = (".npy", ".png", ".jpg", ".jpeg", ".bmp")
 
 
-class ConvertError(SystemExit):
-    """A fatal input problem: printed as one clear line (exit status 1)."""
-
-    def __init__(self, msg: str):
-        super().__init__(f"megl.data.convert: error: {msg}")
+class ConvertError(UserError):
+    """A fatal input problem: printed as one clear line by `main` (exit status 1)."""
 
 
 # ----------------------------------------------------------------------------- input helpers
@@ -176,32 +178,37 @@ def _read_mask_file(p: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the shared back half
+def _inside(path: Path, root: Path) -> bool:
+    path, root = path.resolve(), root.resolve()
+    return path == root or root in path.parents
+
+
 class _Writer:
-    def __init__(self, out: Path, overwrite: bool, link: bool, masks: _MaskFinder):
-        ann = out / "exp_annotation.json"
-        if ann.exists() and not overwrite:
-            raise ConvertError(f"{ann} exists: pass --overwrite to replace it")
-        self.out, self.link, self.masks = out, link, masks
-        if overwrite:  # stale files of an earlier conversion must not linger
-            for sub in ("images", "masks"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        (out / "masks").mkdir(parents=True, exist_ok=True)
+    """Writes images/ and masks/ into the staging folder `stage` of the dataset `out`."""
+
+    def __init__(self, stage: Path, out: Path, link: bool, masks: _MaskFinder):
+        self.stage, self.out, self.link, self.masks = stage, out, link, masks
+        (stage / "images").mkdir()
+        (stage / "masks").mkdir()
         self.placed: dict[str, Path] = {}
+        self.mask_names: set[str] = set()
         self.mask_problems: Counter = Counter()
 
     def image(self, src: Path) -> Optional[str]:
-        name = src.name
+        name, real = src.name, src.resolve()
         if name in self.placed:
-            return f"images/{name}" if self.placed[name] == src.resolve() else None
-        dst = self.out / "images" / name
-        if dst.exists() or dst.is_symlink():
-            dst.unlink()
-        if self.link:
-            os.symlink(src.resolve(), dst)
+            return f"images/{name}" if self.placed[name] == real else None
+        dst = self.stage / "images" / name
+        if self.link and not _inside(real, self.out):
+            os.symlink(real, dst)
+        elif _inside(real, self.out):  # the source is replaced by the swap: a hard link keeps its data for free
+            try:
+                os.link(real, dst)
+            except OSError:
+                shutil.copy2(real, dst)
         else:
-            shutil.copy2(src, dst)
-        self.placed[name] = src.resolve()
+            shutil.copy2(real, dst)
+        self.placed[name] = real
         return f"images/{name}"
 
     def mask(self, ident: str, keys: list[str], image: Path) -> str:
@@ -218,8 +225,12 @@ class _Writer:
             return ""
         from PIL import Image
 
-        with Image.open(image) as im:
-            ih, iw = im.height, im.width
+        try:
+            with Image.open(image) as im:
+                ih, iw = im.height, im.width
+        except Exception as e:  # PIL raises several types; the loader reports the image itself
+            self.mask_problems[f"image unreadable ({type(e).__name__})"] += 1
+            return ""
         h, w = maps[0].shape[-2:]
         if abs((h / w) / (ih / iw) - 1) > 0.02:
             self.mask_problems["aspect ratio differs from the image"] += 1
@@ -229,9 +240,9 @@ class _Writer:
         if not arr.max() > arr.min():
             self.mask_problems["constant map"] += 1
             return ""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", ident)
-        np.save(self.out / "masks" / f"{safe}.npy", arr.astype(np.float32))
-        return f"masks/{safe}.npy"
+        rel = f"masks/{safe_stem(ident, self.mask_names)}.npy"
+        np.save(self.stage / rel, arr.astype(np.float32))
+        return rel
 
 
 def _select_classes(samples: list[dict], args, dropped: Counter) -> tuple[list[str], list[dict]]:
@@ -256,25 +267,27 @@ def _finish(samples: list[dict], args, dropped: Counter, read: int, title: str, 
     names, samples = _select_classes(samples, args, dropped)
     if not samples:
         raise ConvertError(f"no sample survived the filters ({dict(dropped)}): loosen them (see --help)")
-    writer = _Writer(Path(args.out), args.overwrite, args.link, masks)
-    cid = {n: k for k, n in enumerate(names)}
-    ann = {}
-    for s in samples:
-        rel = writer.image(s["image"])
-        if rel is None:
-            dropped["image basename clash (two source images with one name)"] += 1
-            continue
-        item = {"class_id": cid[s["ans"]], "ans": s["ans"], "image_path": rel,
-                "visual_exp": writer.mask(s["id"], s["mask_keys"], s["image"]), "exp": s["exp"]}
-        if s.get("split"):
-            item["split"] = s["split"]
-        item.update(s.get("extra", {}))
-        ann[s["id"]] = item
-    if not ann:
-        raise ConvertError(f"no sample survived the filters ({dict(dropped)}): loosen them (see --help)")
     out = Path(args.out)
-    (out / "classes.json").write_text(json.dumps(names, indent=1))
-    (out / "exp_annotation.json").write_text(json.dumps(ann, indent=1))
+    inputs = [Path(p) for p in [*args.images, *(args.visual or [])]]
+    with build_then_swap(out, keep_previous=any(_inside(p, out) for p in inputs)) as stage:
+        writer = _Writer(stage.path, out, args.link, masks)
+        cid = {n: k for k, n in enumerate(names)}
+        ann = {}
+        for s in samples:
+            rel = writer.image(s["image"])
+            if rel is None:
+                dropped["image basename clash (two source images with one name)"] += 1
+                continue
+            item = {"class_id": cid[s["ans"]], "ans": s["ans"], "image_path": rel,
+                    "visual_exp": writer.mask(s["id"], s["mask_keys"], s["image"]), "exp": s["exp"]}
+            if s.get("split"):
+                item["split"] = s["split"]
+            item.update(s.get("extra", {}))
+            ann[s["id"]] = item
+        if not ann:
+            raise ConvertError(f"no sample survived the filters ({dict(dropped)}): loosen them (see --help)")
+        (stage.path / "classes.json").write_text(json.dumps(names, indent=1))
+        (stage.path / "exp_annotation.json").write_text(json.dumps(ann, indent=1))
 
     stats = _stats(ann, len(names))
     print(f"read {read} entries; wrote {len(ann)} samples to {out}")
@@ -284,6 +297,9 @@ def _finish(samples: list[dict], args, dropped: Counter, read: int, title: str, 
     for reason, n in writer.mask_problems.most_common():
         print(f"  mask ignored {n:>3}  {reason}")
     print(format_statistics(stats, name=title))
+    if stage.previous is not None:
+        print(f"note: the replaced images/, masks/ and annotation files were inputs of this conversion; they are kept "
+              f"in {stage.previous} (delete it when done)")
     return stats
 
 
@@ -440,7 +456,7 @@ def _common(p: argparse.ArgumentParser, min_count: int, max_classes: int) -> Non
     p.add_argument("--classes", default=None,
                    help="explicit class list 'a,b,c' or @file (json list or one per line); overrides the two above")
     p.add_argument("--link", action="store_true", help="symlink images instead of copying them")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing exp_annotation.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out (its images/, masks/ and json files; inputs inside --out are kept)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,10 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli("megl.data.convert")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.min_count < 1 or args.max_classes < 0:
         raise ConvertError("--min-count must be >= 1 and --max-classes >= 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConvertError(f"--out {args.out} is a file: give the dataset's directory")
     if (args.out / "exp_annotation.json").exists() and not args.overwrite:  # fail before reading the inputs
         raise ConvertError(f"{args.out / 'exp_annotation.json'} exists: pass --overwrite to replace it")
     (convert_vqax if args.dataset == "vqax" else convert_actx)(args)

@@ -10,12 +10,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from megl.errors import UserError
+
 from .transforms import image_to_tensor
 
 BATCH_KEYS = ("image", "label", "mask", "has_mask", "rationale", "references", "id")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: the message names the file / item, the problem and the fix."""
 
 

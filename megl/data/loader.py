@@ -6,6 +6,11 @@
     <root>/<visual_exp>          .npy mask (H,W) or (k,H,W) (k annotators, averaged), float or uint8; "" = none
     <root>/classes.json          optional: the class list (written by megl's writers; pins ids without samples)
 
+Paths in the file are trusted only inside <root>: an absolute `image_path` / `visual_exp` or one with `..` is
+refused (the item skipped, the mask dropped) unless `allow_external_paths=True`, so a dataset from elsewhere
+cannot read arbitrary local files into training or the report. Symlinks inside <root> (convert --link) are
+followed: they were placed by whoever built the dataset here.
+
 Everything is validated here, at load time; problems become counted skips (or dropped masks) summarised in a
 `LoadReport` and one DataWarning at the end, or a DataError with `strict=True`. `__getitem__` never meets
 unvalidated data.
@@ -16,7 +21,7 @@ import json
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -51,6 +56,11 @@ class LoadReport:
     @property
     def clean(self) -> bool:
         return not (self.skipped or self.masks_dropped or self.notes)
+
+    def brief(self) -> str:
+        """One line: how many items were loaded and skipped, by reason (for an error message)."""
+        skips = ", ".join(f"{r}: {n}" for r, n in sorted(self.skip_counts().items(), key=lambda kv: -kv[1]))
+        return f"loaded {self.loaded} of {self.total} items" + (f"; skipped {skips}" if skips else "")
 
     def summary(self, examples: int = 3) -> str:
         lines = [f"{self.root}: loaded {self.loaded} of {self.total} items"]
@@ -124,9 +134,20 @@ def read_mask(path: str | Path, image_hw: Optional[tuple[int, int]] = None) -> n
     return norm
 
 
-def _resolve_image(root: Path, image_path: str) -> Optional[Path]:
+OUTSIDE = "path outside the dataset"
+OUTSIDE_FIX = "pass allow_external_paths=True (--set allow_external_paths=true) if you trust this dataset"
+
+
+def _leaves_root(rel: str) -> bool:
+    """Absolute, or climbing out with '..': decided on the text, so symlinks placed inside the root still work."""
+    p = PurePath(rel)
+    return p.is_absolute() or ".." in p.parts
+
+
+def _resolve_image(root: Path, image_path: str, allow_external: bool) -> Optional[Path]:
     p = Path(image_path)
-    for cand in (root / "images" / p.name, root / p, p if p.is_absolute() else None):
+    inside = allow_external or not _leaves_root(image_path)
+    for cand in (root / "images" / p.name, root / p if inside else None, p if p.is_absolute() and inside else None):
         if cand is not None and cand.is_file():
             return cand
     return None
@@ -134,6 +155,14 @@ def _resolve_image(root: Path, image_path: str) -> Optional[Path]:
 
 def _norm(s: str) -> str:
     return " ".join(str(s).strip().lower().split())
+
+
+class _Pairs(dict):
+    """A JSON object that also keeps its key/value pairs in order, duplicates included."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.pairs = pairs
 
 
 def _read_annotations(root: Path, annotation: str) -> list[tuple[str, Any]]:
@@ -144,14 +173,14 @@ def _read_annotations(root: Path, annotation: str) -> list[tuple[str, Any]]:
         raise DataError(f"{path} not found: a dataset root holds {annotation} (+ images/); convert raw data with "
                         "`python -m megl.data.convert vqax|actx ...` or write synthetic data with "
                         "`python -m megl.data.synthetic --out DIR`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # keep every (id, item) pair: a dict would silently keep the last of two items with one id
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_Pairs)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text: {e}") from e
     if isinstance(data, dict):
-        items = [(str(k), v) for k, v in data.items()]
+        items = [(str(k), v) for k, v in data.pairs]
     elif isinstance(data, list):
         items = [(str(i), v) for i, v in enumerate(data)]
     else:
@@ -251,7 +280,13 @@ def _assign_classes(items, class_names, probs: _Problems, report: LoadReport):
             names.append(sorted(votes[k].items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
         else:
             names.append(f"class_{k}")
-    gaps = [k for k in range(C) if not votes[k]]
+    used = set(parsed.values())
+    unused = [k for k in range(C) if k not in used]
+    if unused:
+        report.notes.append(f"class ids {unused[:10]}{'...' if len(unused) > 10 else ''} have no item, yet the "
+                            f"largest class_id {C - 1} makes {C} classes: a stray class_id? fix it, or add "
+                            "classes.json with the class list")
+    gaps = [k for k in range(C) if not votes[k] and k in used]
     if gaps:
         report.notes.append(f"class ids {gaps[:10]}{'...' if len(gaps) > 10 else ''} have no ans in the file; named "
                             "class_<id> (add classes.json with the class list to name them)")
@@ -315,6 +350,7 @@ def load_splits(
     cache_images: Optional[bool] = None,
     max_cache_bytes: int = 1 << 30,
     annotation: str = ANNOTATION_FILE,
+    allow_external_paths: bool = False,
 ) -> dict[str, ExplanationDataset]:
     """Read an Object-ME / Action-ME style dataset -> {"train", "val", "test"} ExplanationDatasets.
 
@@ -331,6 +367,7 @@ def load_splits(
       `strict=True` raises DataError at the first problem instead. An empty result raises DataError.
     - `cache_images`: keep decoded images in memory (default: when they fit in `max_cache_bytes`); otherwise
       they are decoded again per item (they were all decoded once here, so a bad file fails now, not mid-epoch).
+    - `allow_external_paths`: read image_path / visual_exp that are absolute or contain '..' (default: refused).
     """
     root = Path(root)
     if image_size < 8:
@@ -382,7 +419,10 @@ def load_splits(
         report.notes.append(f"images not cached ({n_cache / 2**30:.1f} GiB > max_cache_bytes): decoded per item")
     kept = []
     for ident, it in items:
-        path = _resolve_image(root, it["image_path"])
+        path = _resolve_image(root, it["image_path"], allow_external_paths)
+        if path is None and _leaves_root(it["image_path"]) and not allow_external_paths:
+            probs.skip(ident, OUTSIDE, f"image_path {it['image_path']!r} is not inside {root}: {OUTSIDE_FIX}")
+            continue
         if path is None:
             probs.skip(ident, "missing image", f"{it['image_path']} not found under {root / 'images'} or {root}")
             continue
@@ -400,6 +440,8 @@ def load_splits(
         if vis not in (None, ""):
             if not isinstance(vis, str):
                 probs.drop_mask(ident, "malformed mask", f"visual_exp must be a path string or \"\", got {vis!r}")
+            elif _leaves_root(vis) and not allow_external_paths:
+                probs.drop_mask(ident, OUTSIDE, f"visual_exp {vis!r} is not inside {root}: {OUTSIDE_FIX}")
             else:
                 try:
                     m = read_mask(root / vis, hw)
@@ -429,7 +471,8 @@ def load_splits(
 
     report.loaded = len(kept)
     if not kept:
-        raise DataError(f"no usable item in {root / annotation}:\n{report.summary()}")
+        raise DataError(f"no usable item in {root / annotation}: {report.brief()}; see "
+                        "megl.data.load_splits(root).report or strict=True for the items")
     out = {}
     for split in SPLITS:
         rows = [k for k in kept if assign[k[0]] == split]
@@ -444,6 +487,11 @@ def load_splits(
             kw = {"image_paths": [str(p) for _, _, p, _, _ in rows]}
         out[split] = ExplanationDataset(records, names, image_size, masks=masks, split=split, report=report,
                                         expand_rationales=(split == "train" and expand_train_rationales), **kw)
+    untrained = sorted(set(range(len(names))) - {r.label for r in out["train"].records})
+    if untrained:
+        shown = ", ".join(names[k] for k in untrained[:10]) + (", ..." if len(untrained) > 10 else "")
+        report.notes.append(f"{len(untrained)} of {len(names)} classes have no training image: {shown} (the model "
+                            "cannot learn them; add training items, or drop them from the class list)")
     if out["train"].num_images == 0:
         raise DataError(f"the training split of {root} is empty ({report.loaded} usable items, none in train): "
                         "check the items' split keys or lower val_fraction / test_fraction")

@@ -19,6 +19,7 @@ import torchvision
 from torch import Tensor, nn
 
 from megl.data.transforms import normalize_imagenet
+from megl.errors import WeightsError
 from megl.ops import autograd_gradcam_gradients, gap_linear_gradcam_gradients
 
 
@@ -32,12 +33,33 @@ def load_state_dict_file(path: str) -> dict:
     """A torchvision state dict from .safetensors or a torch file (.pth/.pt, loaded with weights_only)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"classifier weights {path!r} not found; fix classifier_weights or set it to null")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+            return load_file(path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a tensor file, a pickle with code (weights_only refuses it)
+        raise WeightsError(f"classifier_weights {path!r} cannot be read ({type(e).__name__}: {str(e)[:200]}): give a "
+                           "torchvision state dict saved with torch.save or safetensors") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise WeightsError(f"classifier_weights {path!r} holds no state dict of tensors")
+    return sd
+
+
+def load_into(net: nn.Module, sd: dict, path: str, what: str, ignore: str) -> None:
+    """Load `sd` (without the keys starting with `ignore`, the task head) into `net`, or name what does not fit."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
+    try:
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise WeightsError(f"{path}: not a torchvision {what} state dict matching this model ({detail})") from None
+    missing = [k for k in missing if not k.startswith(ignore)]
+    if unexpected or missing:
+        raise WeightsError(f"{path}: not a torchvision {what} state dict matching this model (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
 
 
 class Classifier(nn.Module):
@@ -61,11 +83,7 @@ class ResNet18Classifier(Classifier):
         super().__init__()
         net = torchvision.models.resnet18(weights=None)
         if weights is not None:
-            sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if unexpected or set(missing) - {"fc.weight", "fc.bias"}:
-                raise ValueError(f"{weights}: not a torchvision resnet18 state dict (missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]})")
+            load_into(net, load_state_dict_file(weights), weights, "resnet18", ignore="fc.")
         net.fc = nn.Linear(512, num_classes)
         if not stem_maxpool:
             net.maxpool = nn.Identity()
@@ -114,10 +132,7 @@ class ViTClassifier(Classifier):
             sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith("heads.")}
             if "encoder.pos_embedding" in sd and sd["encoder.pos_embedding"].shape != net.encoder.pos_embedding.shape:
                 sd = interpolate_embeddings(image_size, patch_size, sd)
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if unexpected or [k for k in missing if not k.startswith("heads.")]:
-                raise ValueError(f"{weights}: not a torchvision vit state dict matching this shape "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            load_into(net, sd, weights, "vit", ignore="heads.")
         self.net = net
         g = image_size // patch_size
         self.grid = (g, g)

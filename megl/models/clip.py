@@ -11,6 +11,7 @@ import open_clip
 from torch import Tensor, nn
 
 from megl.data.transforms import clip_preprocess
+from megl.errors import WeightsError
 
 
 def build_open_clip(config) -> nn.Module:
@@ -29,7 +30,13 @@ def build_open_clip(config) -> nn.Module:
                 f"clip_model={config.clip_model!r} needs local weights: set clip_weights to the open_clip checkpoint "
                 "file (weights are never downloaded at run time), or use clip_model=tiny"
             )
-        model = open_clip.create_model(config.clip_model, pretrained=config.clip_weights)
+        try:
+            model = open_clip.create_model(config.clip_model, pretrained=config.clip_weights)
+        except Exception as e:  # unknown name, unreadable file, weights of another architecture: open_clip's types vary
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise WeightsError(f"clip_model={config.clip_model!r} with clip_weights={config.clip_weights!r} does not "
+                               f"load ({type(e).__name__}: {detail}): give that open_clip architecture's checkpoint "
+                               "file") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

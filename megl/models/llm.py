@@ -11,6 +11,8 @@ import os
 import torch
 from torch import nn
 
+from megl.errors import WeightsError
+
 
 def attention_implementation(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -42,7 +44,12 @@ def build_llm(config, tokenizer, device: torch.device) -> nn.Module:
         if not os.path.isdir(config.llm):
             raise FileNotFoundError(f"llm directory {config.llm!r} not found: give a local Vicuna v1.5 checkpoint "
                                     "directory (--set llm=PATH) or use llm=tiny")
-        model = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, attn_implementation=attn)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, attn_implementation=attn)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:  # no config / weights, another architecture
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise WeightsError(f"llm={config.llm!r} does not load as a causal LM ({type(e).__name__}: {detail}): give "
+                               "a directory with config.json, the weights and the tokenizer (save_pretrained)") from None
     for p in model.parameters():
         p.requires_grad_(False)
     if config.gradient_checkpointing:

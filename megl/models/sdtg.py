@@ -10,6 +10,8 @@ the question names the class. Labels are -100 everywhere except the rationale to
 """
 from __future__ import annotations
 
+import inspect
+
 from functools import lru_cache
 from typing import Sequence
 
@@ -91,6 +93,13 @@ class PromptBuilder:
         return inputs, mask, positions
 
 
+def _cache_argument(llm: nn.Module) -> str:
+    """The KV-cache keyword (and output field) of the LLM's forward: `cache` in current transformers, where
+    `past_key_values` is deprecated (removed in 5.40); `past_key_values` in versions before the rename."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # under peft's wrapper
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_generate(llm: nn.Module, embed: nn.Module, inputs: Tensor, mask: Tensor, positions: Tensor,
                     max_new_tokens: int, eos: int) -> list[list[int]]:
@@ -98,6 +107,7 @@ def greedy_generate(llm: nn.Module, embed: nn.Module, inputs: Tensor, mask: Tens
     B = inputs.shape[0]
     out_ids: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=inputs.device)
+    cache = _cache_argument(llm)
     out = llm(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=True)
     for _ in range(max_new_tokens):
         nxt = out.logits[:, -1].argmax(-1)
@@ -110,5 +120,5 @@ def greedy_generate(llm: nn.Module, embed: nn.Module, inputs: Tensor, mask: Tens
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = llm(inputs_embeds=embed(nxt)[:, None], attention_mask=mask, position_ids=positions,
-                  past_key_values=out.past_key_values, use_cache=True)
+                  use_cache=True, **{cache: getattr(out, cache)})
     return out_ids
