@@ -1,4 +1,4 @@
-"""The backend contract, written in plain PyTorch with the backward of DESIGN.md §2 spelled out.
+"""The backend contract, written in plain PyTorch with the backward of docs/fused-op.md spelled out.
 
 Every backend module (cpp, cuda, triton, this one) exposes the same two functions; the custom op in
 `megl.ops.fused` calls them. Inputs arrive validated and contiguous:
@@ -101,7 +101,8 @@ def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, pri
 
 
 def _kl(s, prior, sum_p, sum_q, eps_kl):
-    """(KL(p ‖ q) per sample, log(p / q)) for p = (s + eps_kl) / sum_p, q = (prior + eps_kl) / sum_q."""
+    """(KL(p ‖ q) per sample, log(p / q)) for p = (s + eps_kl) / sum_p, q = (prior + eps_kl) / sum_q: the two-pass
+    form every backend uses (docs/fused-op.md, "KL in float32"), one log of the ratio."""
     p = (s + eps_kl) / sum_p[:, None, None]
-    logpq = p.log() - ((prior + eps_kl) / sum_q[:, None, None]).log()
+    logpq = (p / ((prior + eps_kl) / sum_q[:, None, None])).log()
     return (p * logpq).sum(dim=(1, 2)), logpq
