@@ -1,4 +1,4 @@
-// CPU (C++17 + OpenMP) kernels of megl's fused saliency op, DESIGN.md §2; the executable spec is
+// CPU (C++17 + OpenMP) kernels of megl's fused saliency op (docs/fused-op.md); the executable spec is
 // megl/ops/backends/torch_explicit.py. Bound with pybind11 as megl._saliency_cpu. No libtorch: the glue in
 // megl/ops/backends/cpp.py passes data pointers (as integers) of contiguous float32 tensors, their shapes and
 // preallocated outputs. A null pointer (0) stands for an absent optional tensor.
@@ -8,7 +8,7 @@
 // per task and then over tasks in a fixed order, so results are bitwise identical for any number of threads
 // (no float atomics anywhere).
 //
-// The kernels live in saliency_cpu_kernels.h, compiled here twice: `generic` (the compiler's baseline, SSE2 on
+// The kernels live in kernels.h, compiled here twice: `generic` (the compiler's baseline, SSE2 on
 // x86-64) and `avx2` (8-wide; x86-64 with GCC only). The first call picks avx2 when the CPU has it; set_isa() pins
 // one (tests compare both with the reference). Results agree to rounding: SIMD reductions sum in a width-dependent
 // order, and each path on its own is deterministic for any thread count.
@@ -38,14 +38,14 @@ namespace py = pybind11;
 
 namespace {
 namespace generic {
-#include "saliency_cpu_kernels.h"
+#include "kernels.h"
 }  // namespace generic
 
 #if MEGL_HAVE_AVX2_PATH
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
-#include "saliency_cpu_kernels.h"
+#include "kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
