@@ -1,5 +1,7 @@
 """The fused saliency op: the reference (gradcheck, by hand), dispatch, validation, torch.library integration and
 Grad-CAM. Backends against the reference: test_saliency_matrix.py."""
+import inspect
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def test_reference_semantics_by_hand():
     G = torch.full_like(A, 2.0)
     I = torch.ones(1, 1, 1, 2, dtype=torch.float64)
     mask = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
-    out = fused_saliency_reference(A, G, I, mask, eps=0.0)
+    out = fused_saliency_reference(A, G, I, mask, torch.tensor([True]), eps=0.0)
     torch.testing.assert_close(out.saliency, torch.tensor([[[0.0, 1.0]]], dtype=torch.float64))
     assert out.l1.item() == 0.0 and out.kl.item() == 0.0
     prior = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
@@ -96,6 +98,24 @@ def test_extension_import_reasons():
     # A module without the kernels (a placeholder or an old build) is refused as stale, not used.
     ext, reason = backends.import_extension("ops.reference")
     assert ext is None and "stale build" in reason and "rebuild" in reason
+
+
+def test_backend_names_agree_with_the_messages():
+    assert inspect.ismodule(ops.reference)  # the submodule, not shadowed by a function of that name
+    assert "reference" in backends.available_backends()
+    with pytest.raises(ValueError, match="unknown megl backend module 'reference'; choose one of torch, cpp, cuda, "
+                                         "triton; 'reference' has no module: use fused_saliency"):
+        backends.load("reference")
+
+
+def test_mask_without_has_mask_means_every_sample_is_annotated():
+    A, G, I, mask, _, prior = make_inputs((2, 3, 4, 4, 3, 16, 16))
+    for backend in ("reference", "cpp"):
+        got = fused_saliency(A, G, I, mask, None, prior, backend=backend)
+        want = fused_saliency(A, G, I, mask, torch.ones(2, dtype=torch.bool), prior, backend=backend)
+        for o, r in zip(got, want):
+            assert torch.equal(o, r), backend
+        assert (got.l1 > 0).all() and (got.kl == 0).all()
 
 
 def test_unknown_backend():

@@ -58,8 +58,9 @@ def import_extension(name: str) -> tuple[ModuleType | None, str | None]:
 
 def load(name: str) -> ModuleType:
     """The backend module `name`, or a BackendUnavailable error that says how to build it."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown megl backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    if name not in _BACKENDS:  # 'reference' is autograd through megl.ops.reference, not a contract module
+        hint = "; 'reference' has no module: use fused_saliency(..., backend='reference')" if name == "reference" else ""
+        raise ValueError(f"unknown megl backend module {name!r}; choose one of {', '.join(_BACKENDS)}{hint}")
     module_name, how = _BACKENDS[name]
     try:
         module = importlib.import_module(module_name)

@@ -5,7 +5,8 @@ Every backend module (cpp, cuda, triton, this one) exposes the same two function
 
     A, G      (B, K, h, w)  same dtype (float32; float16/bfloat16 allowed on GPU backends)
     I         (B, C, H, W)  same dtype as A
-    mask      (B, H, W) float32 or None;  has_mask (B,) bool or None (never None when mask is given)
+    mask      (B, H, W) float32 or None;  has_mask (B,) bool or None (never None when mask is given: fused.py
+              fills the default, all annotated, in)
     prior     (H, W) float32 or None
     grad_s    (B, H, W) or None, grad_masked (B, C, H, W) or None  (None means zero)
     grad_l1, grad_kl (B,) float32, never None

@@ -57,20 +57,13 @@ def _check_device(A: torch.Tensor) -> None:
         )
 
 
-def _check_mask(mask, has_mask) -> None:
-    if mask is not None and has_mask is None:
-        raise ValueError("triton backend: has_mask must be given with mask (fused_saliency fills it in; pass all-True)")
-
-
 def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     _check_device(A)
-    _check_mask(mask, has_mask)
     return _kernels.saliency_forward(A, G, I, mask, has_mask, prior, float(eps), float(eps_kl))
 
 
 def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, prior, s, alpha, cam, stats, eps, eps_kl):
     _check_device(A)
-    _check_mask(mask, has_mask)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     return _kernels.saliency_backward(
         grad_s, grad_masked, f32(grad_l1), f32(grad_kl), A, G, I, mask, has_mask, prior, s, alpha, cam, stats,
