@@ -120,7 +120,7 @@ def _reference_run_on(inputs, grads):
     return run(reference, [up(t) for t in inputs], [up(g) for g in grads])
 
 
-@functools.lru_cache(maxsize=4)
+@functools.cache  # every (shape, case) of the matrix, a few MB each: each backend and ISA reuses it
 def oracle(shape, case, dtype, device, which=OUTPUTS):
     """(fp64 reference, reference in `dtype`) on the same rounded inputs: the two sides of the tolerance rule."""
     inputs = make_inputs(shape, case, dtype, device)

@@ -1,7 +1,7 @@
-"""What is specific to the Triton backend (megl/ops/backends/triton.py, kernels in megl/kernels/saliency.py): when it
-can run and what it says when it cannot, and the tile reductions on tiles smaller than the default. Checked against
-the float64 reference in test_saliency_matrix.py, on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1
-before megl is imported): the path CI exercises, so it must run, not skip, without a GPU."""
+"""What is specific to the Triton backend (megl/ops/backends/triton.py, kernels in triton_kernels.py): when it can
+run and what it says when it cannot, and the tile reductions on tiles smaller than the default. Checked against the
+float64 reference in test_saliency_matrix.py, on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 before
+megl is imported): the path CI exercises, so it must run, not skip, without a GPU."""
 from __future__ import annotations
 
 import pytest

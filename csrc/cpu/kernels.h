@@ -122,6 +122,19 @@ inline float kl_term(float s, float q, float eps_kl, float sum_p, float& log_pq)
   return p * log_pq;
 }
 
+// Σ_x p log(p / q) over one output row; with kGrad also gs[x] += ckl log(p / q), the KL term of the backward's g_s.
+template <bool kGrad>
+inline float kl_row(const float* srow, const float* qrow, i64 W, float eps_kl, float sum_p, float ckl, float* gs) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (i64 x = 0; x < W; ++x) {
+    float log_pq;
+    acc += kl_term(srow[x], qrow[x], eps_kl, sum_p, log_pq);
+    if (kGrad) gs[x] += ckl * log_pq;
+  }
+  return acc;
+}
+
 // c = relu(cam) normalised to [0, 1] with the given min/max, in float exactly as the reference computes n.
 inline void normalise(const float* cam, float lo, float hi, float eps, i64 hw, float* n) {
   const float d = (hi - lo) + eps;
@@ -228,16 +241,7 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
         for (i64 q = 0; q < W; ++q) acc += std::fabs(srow[q] - mrow[q]);
         acc_l1 += acc;
       }
-      if (do_kl) {
-        const float* qrow = qv.data() + p * W;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (i64 x = 0; x < W; ++x) {
-          float log_pq;
-          acc += kl_term(srow[x], qrow[x], eps_kl, sp, log_pq);
-        }
-        acc_kl += acc;
-      }
+      if (do_kl) acc_kl += kl_row<false>(srow, qv.data() + p * W, W, eps_kl, sp, 0.0f, nullptr);
     }
     part_l1[t] = acc_l1;
     part_kl[t] = acc_kl;
@@ -361,17 +365,7 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
             gs[q] += d > 0.0f ? wl1 : d < 0.0f ? -wl1 : 0.0f;  // wl1 * sign(d), sign(0) = 0 as torch.sign
           }
         }
-        if (ckl != 0.0f) {
-          const float* qrow = qv.data() + p * W;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (i64 x = 0; x < W; ++x) {
-            float log_pq;
-            acc += kl_term(srow[x], qrow[x], eps_kl, sp, log_pq);
-            gs[x] += ckl * log_pq;
-          }
-          acc_kl += acc;
-        }
+        if (ckl != 0.0f) acc_kl += kl_row<true>(srow, qv.data() + p * W, W, eps_kl, sp, ckl, gs.data());
         float *g0 = gh.data() + ty.i0[p] * W, *g1 = gh.data() + ty.i1[p] * W;
         const float wy0 = ty.w0[p], wy1 = ty.w1[p];
 #pragma omp simd

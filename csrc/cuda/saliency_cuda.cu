@@ -104,30 +104,47 @@ void launch_backward(const BwdArgs<T>& a, const Dims& d, cudaStream_t st) {
   }
 }
 
+// Calls f(T{}) with T the element type of dtype code 0 / 1 / 2.
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    default: check_dtype(dtype);
+  }
+}
+
+// What every launch checks before it touches the GPU; false when there is nothing to launch (B = 0).
+bool ready_to_launch(const Dims& d, int dtype, std::uintptr_t mask, std::uintptr_t has_mask, int64_t workspace_numel,
+                     int64_t workspace_needed, int device) {
+  check_dtype(dtype);
+  if (d.B == 0) return false;
+  check_common(mask, has_mask);
+  if (workspace_numel < workspace_needed) fail("workspace too small; size it with forward_workspace() / backward_workspace()");
+  use_device(device);
+  return true;
+}
+
 void forward_py(int dtype, int64_t B, int64_t K, int64_t h, int64_t w, int64_t C, int64_t H, int64_t W,
                 std::uintptr_t A, std::uintptr_t G, std::uintptr_t I, std::uintptr_t mask, std::uintptr_t has_mask,
                 std::uintptr_t prior, double eps, double eps_kl, std::uintptr_t s, std::uintptr_t masked,
                 std::uintptr_t l1, std::uintptr_t kl, std::uintptr_t alpha, std::uintptr_t cam, std::uintptr_t stats,
                 std::uintptr_t workspace, int64_t workspace_numel, int device, std::uintptr_t stream) {
   const Dims d = make_dims(B, K, h, w, C, H, W);
-  check_dtype(dtype);
-  if (B == 0) return;
-  require_all({{s, "saliency"}, {l1, "l1"}, {kl, "kl"}, {cam, "cam"}, {stats, "stats"}, {workspace, "workspace"}});
-  if (K > 0) require_all({{A, "activations"}, {G, "gradients"}, {alpha, "alpha"}});  // K = 0: empty tensors
-  if (C > 0) require_all({{I, "image"}, {masked, "masked"}});
-  check_common(mask, has_mask);
-  if (workspace_numel < forward_workspace(B, K, h, w, C, H, W)) fail("workspace too small; size it with forward_workspace()");
-  float* ws = mptr<float>(workspace);
-  float* nbuf = ws;
-  float* partials = ws + B * d.hw;
-  use_device(device);
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: launch_forward(fwd_args<float>(A, G, I, mask, has_mask, prior, eps, eps_kl, s, masked, l1, kl, alpha, cam, stats, nbuf, partials), d, st); break;
-    case 1: launch_forward(fwd_args<__half>(A, G, I, mask, has_mask, prior, eps, eps_kl, s, masked, l1, kl, alpha, cam, stats, nbuf, partials), d, st); break;
-    case 2: launch_forward(fwd_args<__nv_bfloat16>(A, G, I, mask, has_mask, prior, eps, eps_kl, s, masked, l1, kl, alpha, cam, stats, nbuf, partials), d, st); break;
-    default: check_dtype(dtype);
+  if (B > 0) {
+    require_all({{s, "saliency"}, {l1, "l1"}, {kl, "kl"}, {cam, "cam"}, {stats, "stats"}, {workspace, "workspace"}});
+    if (K > 0) require_all({{A, "activations"}, {G, "gradients"}, {alpha, "alpha"}});  // K = 0: empty tensors
+    if (C > 0) require_all({{I, "image"}, {masked, "masked"}});
   }
+  if (!ready_to_launch(d, dtype, mask, has_mask, workspace_numel, forward_workspace(B, K, h, w, C, H, W), device)) return;
+  float* nbuf = mptr<float>(workspace);
+  float* partials = nbuf + B * d.hw;
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    launch_forward(fwd_args<T>(A, G, I, mask, has_mask, prior, eps, eps_kl, s, masked, l1, kl, alpha, cam, stats, nbuf,
+                               partials), d, reinterpret_cast<cudaStream_t>(stream));
+  });
 }
 
 void backward_py(int dtype, int64_t B, int64_t K, int64_t h, int64_t w, int64_t C, int64_t H, int64_t W,
@@ -138,30 +155,25 @@ void backward_py(int dtype, int64_t B, int64_t K, int64_t h, int64_t w, int64_t 
                  std::uintptr_t gI, std::uintptr_t workspace, int64_t workspace_numel, int device,
                  std::uintptr_t stream) {
   const Dims d = make_dims(B, K, h, w, C, H, W);
-  check_dtype(dtype);
-  if (B == 0) return;
-  require_all({{grad_l1, "grad_l1"}, {grad_kl, "grad_kl"}, {s, "saliency"}, {cam, "cam"}, {stats, "stats"},
-               {workspace, "workspace"}});
-  if (K > 0) require_all({{A, "activations"}, {alpha, "alpha"}, {gA, "grad_activations"}, {gG, "grad_gradients"}});
-  if (C > 0) require_all({{I, "image"}, {gI, "grad_image"}});
-  check_common(mask, has_mask);
-  if (workspace_numel < backward_workspace(B, K, h, w, C, H, W)) fail("workspace too small; size it with backward_workspace()");
-  float* ws = mptr<float>(workspace);
-  float* gsw = ws;
+  if (B > 0) {
+    require_all({{grad_l1, "grad_l1"}, {grad_kl, "grad_kl"}, {s, "saliency"}, {cam, "cam"}, {stats, "stats"},
+                 {workspace, "workspace"}});
+    if (K > 0) require_all({{A, "activations"}, {alpha, "alpha"}, {gA, "grad_activations"}, {gG, "grad_gradients"}});
+    if (C > 0) require_all({{I, "image"}, {gI, "grad_image"}});
+  }
+  if (!ready_to_launch(d, dtype, mask, has_mask, workspace_numel, backward_workspace(B, K, h, w, C, H, W), device))
+    return;
+  float* gsw = mptr<float>(workspace);
   float* gn = gsw + B * d.HW;
   float* partials = gn + B * d.hw;
-  use_device(device);
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
-#define MEGL_BWD_ARGS(T) \
-  bwd_args<T>(grad_s, grad_masked, grad_l1, grad_kl, A, I, mask, has_mask, prior, s, alpha, cam, stats, eps, eps_kl, gA, gG, gI, gsw, gn, partials)
-  switch (dtype) {
-    case 0: launch_backward(MEGL_BWD_ARGS(float), d, st); break;
-    case 1: launch_backward(MEGL_BWD_ARGS(__half), d, st); break;
-    case 2: launch_backward(MEGL_BWD_ARGS(__nv_bfloat16), d, st); break;
-    default: check_dtype(dtype);
-  }
-#undef MEGL_BWD_ARGS
+  with_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    launch_backward(bwd_args<T>(grad_s, grad_masked, grad_l1, grad_kl, A, I, mask, has_mask, prior, s, alpha, cam,
+                                stats, eps, eps_kl, gA, gG, gI, gsw, gn, partials), d,
+                    reinterpret_cast<cudaStream_t>(stream));
+  });
 }
+
 int runtime_version() {
   int v = 0;
   check_cuda(cudaRuntimeGetVersion(&v), "cudaRuntimeGetVersion");

@@ -1,4 +1,5 @@
-"""Triton backend of the fused saliency op: glue between the contract of `torch_explicit` and `megl.kernels`.
+"""Triton backend of the fused saliency op: glue between the contract of `torch_explicit` and the kernels in
+`triton_kernels.py` (a module of its own, imported here only if `triton` imports).
 
 The kernels run compiled on a CUDA device, or on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
 was set before megl was imported (kernels are defined at import time, interpreted or not; float32 only there).
@@ -13,7 +14,7 @@ NAME = "triton"
 INTERPRET_HINT = "set TRITON_INTERPRET=1 before importing megl to run Triton kernels on CPU"
 
 try:
-    from megl import kernels as _kernels
+    from megl.ops.backends import triton_kernels as _kernels
 
     _IMPORT_ERROR: Optional[str] = None
 except Exception as err:  # triton missing or broken (any import-time error): report why instead of failing

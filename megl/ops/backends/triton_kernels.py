@@ -1,6 +1,6 @@
-"""Triton kernels of the fused saliency op (docs/fused-op.md) and their launch functions.
+"""Triton kernels of the fused saliency op (docs/fused-op.md) and their launch functions; `triton.py` is the glue.
 
-Semantics and the backward are those of `megl.ops.backends.torch_explicit` (the executable spec). Five kernels:
+Semantics and the backward are those of `megl.ops.backends.torch_explicit` (the executable spec). Six kernels:
 
 forward
     _cam_fwd_kernel       grid (B,)          alpha = mean G, z = Σ_k alpha_k A_k (stored as `cam`), min/max of
