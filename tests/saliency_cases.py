@@ -17,7 +17,7 @@ from megl.ops import BackendUnavailable, backends, fused_saliency, fused_salienc
 # layer4 map, and a low-res map larger than one CUDA block). The Triton interpreter makes every shape cost.
 SHAPES = [
     (1, 64, 7, 7, 3, 224, 224),  # ResNet18 layer4 at 224 px
-    (3, 7, 5, 9, 3, 33, 150),  # odd sizes: non-integer scales; several partial tiles / tasks / blocks per sample
+    (3, 7, 5, 9, 3, 33, 47),  # odd sizes: non-integer scales; several tasks (cpp) and blocks (cuda) per sample
     (3, 1, 7, 7, 1, 33, 47),  # K = 1: d/dG is exactly 0 (normalisation is scale invariant), pure cancellation; C = 1
     (2, 7, 1, 1, 3, 33, 47),  # a 1x1 map: min = max, s = 0
     (1, 2, 1, 1, 4, 9, 5),  # tiny image; C = 4 (no fixed-C fast path in cpp)
@@ -85,7 +85,9 @@ def make_inputs(shape, case="random", dtype=torch.float32, device="cpu", seed=0)
         A, G = -A.abs() - 0.1, G.abs() + 0.1
     elif case != "random":
         raise ValueError(f"unknown case {case!r}; choose one of {CASES}")
-    to = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    def to(t):
+        return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
     return tuple(to(t) for t in (A, G, I, mask, has_mask, prior))
 
 
@@ -210,13 +212,14 @@ def backend_fn(backend: str):
 
 # ----------------------------------------------------------------------------------------------------- tolerance
 # atol, relative to the size of each output (max |fp64 ref|; for d gradients the size of the g_z * A terms it sums),
-# on top of 2x the reference's own error in the same dtype. float32, measured on MATRIX (CPU): max |err| / scale
-# over all 7 tensors is 3.4e-6 for the fp32 reference itself, 3.3e-6 cpp, 3.3e-6 triton, 7.1e-6 cuda-emulation;
-# what exceeds 2x the reference's error, (err - 2 err_ref) / scale, is 0 for cpp, 1e-7 for triton and 3.5e-6 for
-# the emulation (d activations, prior_zeros: its serial row sums). KL alone, after the two-pass form: cpp 2.3e-7,
-# triton 6.3e-7 (the one-pass forms had 2.2e-6 and 3.9e-6, which would have set this atol).
-# float16 / bfloat16 (GPU only): those of the earlier CUDA tests, flash-attention's rule with its atol.
-ATOL = {torch.float64: 1e-12, torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# on top of 2x the reference's own error in the same dtype. float32, measured on MATRIX (CPU), max over the 7 tensors
+# of |err| / scale: fp32 reference 1.1e-6, cpp 8.2e-7 (generic ISA the same), triton 7.1e-7, cuda-emulation 1.4e-6.
+# What exceeds 2x the reference's error, (err - 2 err_ref) / scale: cpp 0, triton 1.0e-7, cuda-emulation 1.1e-6
+# (d activations, its serial float row sums where H = h), hence atol = 2e-6. KL alone, in the two-pass form: cpp
+# 2.3e-7, triton 3.3e-7, cuda-emulation 1.4e-6; the one-pass forms cpp and triton had before were 2.2e-6 and 3.9e-6
+# on a first version of this matrix, and would have set this atol instead.
+# float16 / bfloat16 (GPU only): the atol of the earlier CUDA tests with the same rule.
+ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def scales(ref64_out, ref64_grads, inputs) -> list[float]:
