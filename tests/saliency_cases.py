@@ -132,7 +132,7 @@ def oracle(shape, case, dtype, device, which=OUTPUTS):
 
 
 class CudaEmulation:
-    """The CUDA module's serial host emulation (csrc/cuda/emulation.h: the kernels' own device functions run on
+    """The CUDA module's serial host emulation (csrc/cuda/emulation.cuh: the kernels' own device functions run on
     the CPU), behind the backend contract of megl/ops/backends/torch_explicit.py. float32 CPU tensors."""
 
     def __init__(self, ext):

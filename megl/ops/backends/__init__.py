@@ -1,7 +1,7 @@
 """Backend registry: each backend is a module with `available()`, `forward(...)` and `backward(...)`.
 
 See `torch_explicit.py` for the contract. Modules are imported lazily so that a missing build of one
-backend never breaks the others.
+backend never breaks the others. `triton_kernels.py` holds the Triton kernels behind `triton.py` (not a backend).
 """
 from __future__ import annotations
 
