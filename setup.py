@@ -71,8 +71,8 @@ openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
 ext_modules = [
     Extension(
         "megl._saliency_cpu",
-        sources=["csrc/saliency_cpu.cpp"],
-        depends=["csrc/saliency_cpu_kernels.h"],  # included twice (generic + AVX2), see saliency_cpu.cpp
+        sources=["csrc/cpu/saliency_cpu.cpp"],
+        depends=["csrc/cpu/kernels.h"],  # included twice (generic + AVX2), see saliency_cpu.cpp
         include_dirs=[pybind11.get_include()],
         language="c++",
         extra_compile_args=["-O3", "-g0", "-std=c++17", "-fvisibility=hidden", *openmp],  # -g0: no debug info (5 MB)
@@ -86,7 +86,7 @@ except cuda_build.CudaSkipped as skipped:
     skip_cuda(str(skipped))
 else:
     print(f"megl: building the CUDA backend with {nvcc} for {';'.join(archs)}", file=sys.stderr, flush=True)
-    cuda_ext = Extension("megl._saliency_cuda", sources=["csrc/saliency_cuda.cu"], include_dirs=[pybind11.get_include()])
+    cuda_ext = Extension("megl._saliency_cuda", sources=["csrc/cuda/saliency_cuda.cu"], include_dirs=[pybind11.get_include()])
     cuda_ext.nvcc, cuda_ext.cuda_lib, cuda_ext.archs = nvcc, cuda_lib, archs
     ext_modules.append(cuda_ext)
 

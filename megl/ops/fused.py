@@ -99,6 +99,7 @@ def _fwd(
     A: Tensor, G: Tensor, I: Tensor, mask: Optional[Tensor], has_mask: Optional[Tensor], prior: Optional[Tensor],
     eps: float, eps_kl: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    assert mask is None or has_mask is not None, "fused_saliency fills has_mask in"
     args = (A, G, I, mask, has_mask, prior, eps, eps_kl)
     out = tuple(backends.load(_concrete(backend, A, I, args)).forward(*args))
     _check_finite(A, G, alpha=out[4], cam=out[5])
@@ -215,10 +216,10 @@ def fused_saliency(
         raise ValueError(f"unknown megl backend {backend!r}; choose one of {', '.join(backends.NAMES)} or 'auto'")
     dtype = activations.dtype
     gradients, image = gradients.to(dtype), image.to(dtype)
-    if has_mask is not None:
-        has_mask = has_mask.to(torch.bool)
-    if mask is not None and has_mask is None:
+    if mask is not None and has_mask is None:  # the one place the default is filled in: every backend gets has_mask
         has_mask = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
+    if has_mask is not None:
+        has_mask = has_mask.to(torch.bool).contiguous()
     if backend == "reference":
         return fused_saliency_reference(activations, gradients, image, mask, has_mask, prior, eps=eps, eps_kl=eps_kl)
     if backend != "auto":

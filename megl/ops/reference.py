@@ -1,6 +1,6 @@
 """Pure-PyTorch fused saliency: the oracle every kernel backend is checked against.
 
-Semantics (DESIGN.md §2), per sample b:
+Semantics (docs/fused-op.md), per sample b:
     alpha_k = mean_ij G_kij ;  z = sum_k alpha_k A_k ;  c = relu(z)
     n = (c - min c) / (max c - min c + eps)           (normalised at low resolution)
     s = bilinear_upsample(n, (H, W), align_corners=False)
@@ -53,13 +53,13 @@ def fused_saliency_reference(
     eps: float = EPS,
     eps_kl: float = EPS_KL,
 ) -> SaliencyOutput:
+    """The op's definition, on inputs as `fused_saliency` passes them (has_mask given with mask)."""
+    assert mask is None or has_mask is not None, "fused_saliency fills has_mask in; pass it with mask"
     H, W = image.shape[-2:]
     B = image.shape[0]
     s = upsample(gradcam_lowres(activations, gradients, eps), (H, W))
     masked = image * s.unsqueeze(1)
     zeros = s.new_zeros(B)
-    if mask is not None and has_mask is None:
-        has_mask = torch.ones(B, dtype=torch.bool, device=s.device)
     if mask is not None:
         l1 = torch.where(has_mask, (s - mask).abs().mean(dim=(1, 2)), zeros)
     else:

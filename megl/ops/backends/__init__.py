@@ -1,7 +1,7 @@
 """Backend registry: each backend is a module with `available()`, `forward(...)` and `backward(...)`.
 
 See `torch_explicit.py` for the contract. Modules are imported lazily so that a missing build of one
-backend never breaks the others.
+backend never breaks the others. `triton_kernels.py` holds the Triton kernels behind `triton.py` (not a backend).
 """
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def import_extension(name: str) -> tuple[ModuleType | None, str | None]:
 
 def load(name: str) -> ModuleType:
     """The backend module `name`, or a BackendUnavailable error that says how to build it."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown megl backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    if name not in _BACKENDS:  # 'reference' is autograd through megl.ops.reference, not a contract module
+        hint = "; 'reference' has no module: use fused_saliency(..., backend='reference')" if name == "reference" else ""
+        raise ValueError(f"unknown megl backend module {name!r}; choose one of {', '.join(_BACKENDS)}{hint}")
     module_name, how = _BACKENDS[name]
     try:
         module = importlib.import_module(module_name)

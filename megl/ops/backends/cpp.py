@@ -32,14 +32,9 @@ def _ptr(t: torch.Tensor | None, name: str, dtype: torch.dtype = torch.float32) 
     return t.data_ptr()
 
 
-def _flags(has_mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if has_mask is None else has_mask.to(torch.bool).contiguous()
-
-
 def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     B, K, h, w = A.shape
     _, C, H, W = I.shape
-    has_mask = _flags(has_mask)
     f32 = dict(dtype=torch.float32)
     s, masked = torch.empty(B, H, W, **f32), torch.empty(B, C, H, W, **f32)
     l1, kl, alpha = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, K, **f32)
@@ -56,7 +51,6 @@ def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
 def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, prior, s, alpha, cam, stats, eps, eps_kl):
     B, K, h, w = A.shape
     _, C, H, W = I.shape
-    has_mask = _flags(has_mask)
     # locals, not temporaries: the extension reads them after _ptr has returned their address
     grad_l1, grad_kl = grad_l1.to(torch.float32).contiguous(), grad_kl.to(torch.float32).contiguous()
     gA, gG, gI = torch.empty_like(A), torch.empty_like(G), torch.empty_like(I)

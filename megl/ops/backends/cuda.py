@@ -62,12 +62,6 @@ def _check_inputs(A: torch.Tensor, G: torch.Tensor, I: torch.Tensor) -> int:
     return _DTYPE_CODES[A.dtype]
 
 
-def _flags(has_mask: torch.Tensor | None, mask: torch.Tensor | None, B: int, device) -> torch.Tensor | None:
-    if has_mask is None:  # the contract gives has_mask with mask; default as fused_saliency does: all annotated
-        return None if mask is None else torch.ones(B, dtype=torch.bool, device=device)
-    return has_mask.to(device=device, dtype=torch.bool).contiguous()
-
-
 def _f32(t: torch.Tensor | None, device) -> torch.Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32).contiguous()
 
@@ -80,7 +74,6 @@ def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     with torch.cuda.device(dev):
         # locals, not temporaries: the kernels read them after _ptr has returned their address
         mask, prior = _f32(mask, dev), _f32(prior, dev)
-        has_mask = _flags(has_mask, mask, B, dev)
         f32 = dict(dtype=torch.float32, device=dev)
         s, masked = torch.empty(B, H, W, dtype=I.dtype, device=dev), torch.empty_like(I)
         l1, kl, alpha = torch.empty(B, **f32), torch.empty(B, **f32), torch.empty(B, K, **f32)
@@ -113,7 +106,6 @@ def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, pri
         grad_l1, grad_kl = _f32(grad_l1, dev), _f32(grad_kl, dev)
         alpha, cam, stats = _f32(alpha, dev), _f32(cam, dev), _f32(stats, dev)
         mask, prior = _f32(mask, dev), _f32(prior, dev)
-        has_mask = _flags(has_mask, mask, B, dev)
         gA, gG, gI = torch.empty_like(A), torch.empty_like(G), torch.empty_like(I)
         if B == 0:
             return gA, gG, gI

@@ -1,11 +1,12 @@
-"""The backend contract, written in plain PyTorch with the backward of DESIGN.md §2 spelled out.
+"""The backend contract, written in plain PyTorch with the backward of docs/fused-op.md spelled out.
 
 Every backend module (cpp, cuda, triton, this one) exposes the same two functions; the custom op in
 `megl.ops.fused` calls them. Inputs arrive validated and contiguous:
 
     A, G      (B, K, h, w)  same dtype (float32; float16/bfloat16 allowed on GPU backends)
     I         (B, C, H, W)  same dtype as A
-    mask      (B, H, W) float32 or None;  has_mask (B,) bool or None (never None when mask is given)
+    mask      (B, H, W) float32 or None;  has_mask (B,) bool or None (never None when mask is given: fused.py
+              fills the default, all annotated, in)
     prior     (H, W) float32 or None
     grad_s    (B, H, W) or None, grad_masked (B, C, H, W) or None  (None means zero)
     grad_l1, grad_kl (B,) float32, never None
@@ -101,7 +102,8 @@ def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, pri
 
 
 def _kl(s, prior, sum_p, sum_q, eps_kl):
-    """(KL(p ‖ q) per sample, log(p / q)) for p = (s + eps_kl) / sum_p, q = (prior + eps_kl) / sum_q."""
+    """(KL(p ‖ q) per sample, log(p / q)) for p = (s + eps_kl) / sum_p, q = (prior + eps_kl) / sum_q: the two-pass
+    form every backend uses (docs/fused-op.md, "KL in float32"), one log of the ratio."""
     p = (s + eps_kl) / sum_p[:, None, None]
-    logpq = p.log() - ((prior + eps_kl) / sum_q[:, None, None]).log()
+    logpq = (p / ((prior + eps_kl) / sum_q[:, None, None])).log()
     return (p * logpq).sum(dim=(1, 2)), logpq

@@ -1,4 +1,5 @@
-"""Triton backend of the fused saliency op: glue between the contract of `torch_explicit` and `megl.kernels`.
+"""Triton backend of the fused saliency op: glue between the contract of `torch_explicit` and the kernels in
+`triton_kernels.py` (a module of its own, imported here only if `triton` imports).
 
 The kernels run compiled on a CUDA device, or on CPU tensors in Triton's interpreter when TRITON_INTERPRET=1
 was set before megl was imported (kernels are defined at import time, interpreted or not; float32 only there).
@@ -13,7 +14,7 @@ NAME = "triton"
 INTERPRET_HINT = "set TRITON_INTERPRET=1 before importing megl to run Triton kernels on CPU"
 
 try:
-    from megl import kernels as _kernels
+    from megl.ops.backends import triton_kernels as _kernels
 
     _IMPORT_ERROR: Optional[str] = None
 except Exception as err:  # triton missing or broken (any import-time error): report why instead of failing
@@ -57,20 +58,13 @@ def _check_device(A: torch.Tensor) -> None:
         )
 
 
-def _check_mask(mask, has_mask) -> None:
-    if mask is not None and has_mask is None:
-        raise ValueError("triton backend: has_mask must be given with mask (fused_saliency fills it in; pass all-True)")
-
-
 def forward(A, G, I, mask, has_mask, prior, eps, eps_kl):
     _check_device(A)
-    _check_mask(mask, has_mask)
     return _kernels.saliency_forward(A, G, I, mask, has_mask, prior, float(eps), float(eps_kl))
 
 
 def backward(grad_s, grad_masked, grad_l1, grad_kl, A, G, I, mask, has_mask, prior, s, alpha, cam, stats, eps, eps_kl):
     _check_device(A)
-    _check_mask(mask, has_mask)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     return _kernels.saliency_backward(
         grad_s, grad_masked, f32(grad_l1), f32(grad_kl), A, G, I, mask, has_mask, prior, s, alpha, cam, stats,

@@ -1,4 +1,4 @@
-// CPU (C++17 + OpenMP) kernels of megl's fused saliency op, DESIGN.md §2; the executable spec is
+// CPU (C++17 + OpenMP) kernels of megl's fused saliency op (docs/fused-op.md); the executable spec is
 // megl/ops/backends/torch_explicit.py. Bound with pybind11 as megl._saliency_cpu. No libtorch: the glue in
 // megl/ops/backends/cpp.py passes data pointers (as integers) of contiguous float32 tensors, their shapes and
 // preallocated outputs. A null pointer (0) stands for an absent optional tensor.
@@ -8,7 +8,7 @@
 // per task and then over tasks in a fixed order, so results are bitwise identical for any number of threads
 // (no float atomics anywhere).
 //
-// The kernels live in saliency_cpu_kernels.h, compiled here twice: `generic` (the compiler's baseline, SSE2 on
+// The kernels live in kernels.h, compiled here twice: `generic` (the compiler's baseline, SSE2 on
 // x86-64) and `avx2` (8-wide; x86-64 with GCC only). The first call picks avx2 when the CPU has it; set_isa() pins
 // one (tests compare both with the reference). Results agree to rounding: SIMD reductions sum in a width-dependent
 // order, and each path on its own is deterministic for any thread count.
@@ -38,14 +38,14 @@ namespace py = pybind11;
 
 namespace {
 namespace generic {
-#include "saliency_cpu_kernels.h"
+#include "kernels.h"
 }  // namespace generic
 
 #if MEGL_HAVE_AVX2_PATH
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace avx2 {
-#include "saliency_cpu_kernels.h"
+#include "kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -88,21 +88,12 @@ void set_isa(const std::string& name) {
   }
 }
 
-template <typename... Args>
-void forward(Args... args) {
+// generic::fn or avx2::fn, the same source compiled for the ISA in use.
 #if MEGL_HAVE_AVX2_PATH
-  if (use_avx2()) return avx2::forward(args...);
+#define MEGL_ISA_CALL(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : generic::fn(__VA_ARGS__))
+#else
+#define MEGL_ISA_CALL(fn, ...) generic::fn(__VA_ARGS__)
 #endif
-  generic::forward(args...);
-}
-
-template <typename... Args>
-void backward(Args... args) {
-#if MEGL_HAVE_AVX2_PATH
-  if (use_avx2()) return avx2::backward(args...);
-#endif
-  generic::backward(args...);
-}
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out{"generic"};
@@ -122,8 +113,8 @@ PYBIND11_MODULE(_saliency_cpu, m) {
          std::uintptr_t s, std::uintptr_t masked, std::uintptr_t l1, std::uintptr_t kl, std::uintptr_t alpha,
          std::uintptr_t cam, std::uintptr_t stats, int num_threads) {
         py::gil_scoped_release release;
-        forward(A, G, I, mask, has_mask, prior, B, K, h, w, C, H, W, eps, eps_kl, s, masked, l1, kl, alpha, cam,
-                stats, num_threads);
+        MEGL_ISA_CALL(forward, A, G, I, mask, has_mask, prior, B, K, h, w, C, H, W, eps, eps_kl, s, masked, l1, kl,
+                      alpha, cam, stats, num_threads);
       },
       py::arg("A"), py::arg("G"), py::arg("I"), py::arg("mask"), py::arg("has_mask"), py::arg("prior"), py::arg("B"),
       py::arg("K"), py::arg("h"), py::arg("w"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("eps"),
@@ -138,8 +129,8 @@ PYBIND11_MODULE(_saliency_cpu, m) {
          i64 C, i64 H, i64 W, double eps, double eps_kl, std::uintptr_t gA, std::uintptr_t gG, std::uintptr_t gI,
          int num_threads) {
         py::gil_scoped_release release;
-        backward(grad_s, grad_masked, grad_l1, grad_kl, A, I, mask, has_mask, prior, s, alpha, cam, stats, B, K, h, w,
-                 C, H, W, eps, eps_kl, gA, gG, gI, num_threads);
+        MEGL_ISA_CALL(backward, grad_s, grad_masked, grad_l1, grad_kl, A, I, mask, has_mask, prior, s, alpha, cam,
+                      stats, B, K, h, w, C, H, W, eps, eps_kl, gA, gG, gI, num_threads);
       },
       py::arg("grad_s"), py::arg("grad_masked"), py::arg("grad_l1"), py::arg("grad_kl"), py::arg("A"), py::arg("I"),
       py::arg("mask"), py::arg("has_mask"), py::arg("prior"), py::arg("s"), py::arg("alpha"), py::arg("cam"),

@@ -106,12 +106,33 @@ inline float log_f(float x) {
   return r + from_bits(special);
 }
 
-// log q over the image, q = (prior + eps_kl) / sum(prior + eps_kl), evaluated in float as the reference does.
-std::vector<float> log_prior(const float* prior, float sum_q, float eps_kl, i64 n, int nt) {
-  std::vector<float> logq(n);
+// q over the image, q = (prior + eps_kl) / S_q: the same for every sample.
+std::vector<float> prior_q(const float* prior, float sum_q, float eps_kl, i64 n, int nt) {
+  std::vector<float> q(n);
 #pragma omp parallel for simd num_threads(nt) schedule(static)
-  for (i64 i = 0; i < n; ++i) logq[i] = log_f((prior[i] + eps_kl) / sum_q);
-  return logq;
+  for (i64 i = 0; i < n; ++i) q[i] = (prior[i] + eps_kl) / sum_q;
+  return q;
+}
+
+// The KL term of one pixel, as every backend computes it (docs/fused-op.md, "KL in float32"): with S_p known,
+// p = (s + eps_kl) / S_p and one log of the ratio p / q, so every term is small and nothing large cancels.
+inline float kl_term(float s, float q, float eps_kl, float sum_p, float& log_pq) {
+  const float p = (s + eps_kl) / sum_p;
+  log_pq = log_f(p / q);
+  return p * log_pq;
+}
+
+// Σ_x p log(p / q) over one output row; with kGrad also gs[x] += ckl log(p / q), the KL term of the backward's g_s.
+template <bool kGrad>
+inline float kl_row(const float* srow, const float* qrow, i64 W, float eps_kl, float sum_p, float ckl, float* gs) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (i64 x = 0; x < W; ++x) {
+    float log_pq;
+    acc += kl_term(srow[x], qrow[x], eps_kl, sum_p, log_pq);
+    if (kGrad) gs[x] += ckl * log_pq;
+  }
+  return acc;
 }
 
 // c = relu(cam) normalised to [0, 1] with the given min/max, in float exactly as the reference computes n.
@@ -150,8 +171,7 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
     for (i64 i = 0; i < HW; ++i) sum_q += static_cast<double>(prior[i] + eps_kl);
   bool any_kl = false;
   for (i64 b = 0; b < B; ++b) any_kl = any_kl || wants_kl(b);
-  const std::vector<float> logq =
-      any_kl ? log_prior(prior, static_cast<float>(sum_q), eps_kl, HW, nt) : std::vector<float>();
+  const std::vector<float> qv = any_kl ? prior_q(prior, static_cast<float>(sum_q), eps_kl, HW, nt) : std::vector<float>();
 
   // Low resolution, per sample: alpha, cam, min/max, n, and n interpolated along x only (nh, h x W), from which
   // each output row is one blend of two nh rows. sum(s) follows from n by linearity: sum_yx n * total_y * total_x.
@@ -193,13 +213,14 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
     st[3] = prior != nullptr ? static_cast<float>(sum_q) : 0.0f;
   }
 
-  // Full resolution: s, masked, and per-task partial sums of |s - mask| and (s + eps_kl) log(p / q).
+  // Full resolution: s, masked, and per-task partial sums of |s - mask| and p log(p / q). S_p is known already, from
+  // the low-res map, so the KL is summed in its accurate form in this same pass.
   std::vector<double> part_l1(B * T, 0.0), part_kl(B * T, 0.0);
 #pragma omp parallel for num_threads(nt) schedule(dynamic)
   for (i64 t = 0; t < B * T; ++t) {
     const i64 b = t / T, p0 = (t % T) * kRowsPerTask, p1 = std::min(p0 + kRowsPerTask, H);
     const bool do_l1 = wants_l1(b), do_kl = wants_kl(b);
-    const float log_sp = static_cast<float>(std::log(sum_p[b]));
+    const float sp = stats[b * 4 + 2];  // the float S_p the backward reads
     double acc_l1 = 0.0, acc_kl = 0.0;
     for (i64 p = p0; p < p1; ++p) {
       const float *n0 = nh.data() + (b * h + ty.i0[p]) * W, *n1 = nh.data() + (b * h + ty.i1[p]) * W;
@@ -220,16 +241,7 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
         for (i64 q = 0; q < W; ++q) acc += std::fabs(srow[q] - mrow[q]);
         acc_l1 += acc;
       }
-      if (do_kl) {
-        const float* lq = logq.data() + p * W;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (i64 q = 0; q < W; ++q) {
-          const float pe = srow[q] + eps_kl;
-          acc += pe * (log_f(pe) - log_sp - lq[q]);
-        }
-        acc_kl += acc;
-      }
+      if (do_kl) acc_kl += kl_row<false>(srow, qv.data() + p * W, W, eps_kl, sp, 0.0f, nullptr);
     }
     part_l1[t] = acc_l1;
     part_kl[t] = acc_kl;
@@ -239,7 +251,7 @@ void forward(std::uintptr_t A_, std::uintptr_t G_, std::uintptr_t I_, std::uintp
     double sl1 = 0.0, skl = 0.0;
     for (i64 j = 0; j < T; ++j) sl1 += part_l1[b * T + j], skl += part_kl[b * T + j];
     l1[b] = wants_l1(b) ? static_cast<float>(sl1 / static_cast<double>(HW)) : 0.0f;
-    kl[b] = wants_kl(b) ? static_cast<float>(skl / sum_p[b]) : 0.0f;
+    kl[b] = wants_kl(b) ? static_cast<float>(skl) : 0.0f;
   }
 }
 
@@ -323,8 +335,7 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
     if (prior != nullptr && (has_mask == nullptr || !has_mask[b])) c_kl[b] = grad_kl[b] / stats[b * 4 + 2];
     any_kl = any_kl || c_kl[b] != 0.0f;
   }
-  const std::vector<float> logq =
-      any_kl ? log_prior(prior, stats[3], eps_kl, HW, nt) : std::vector<float>();  // sum_q: same for every b
+  const std::vector<float> qv = any_kl ? prior_q(prior, stats[3], eps_kl, HW, nt) : std::vector<float>();  // S_q: any b
 
   // Pixel pass: per task, g_s rows are folded into gh (h x W, rows weighted by the y taps; at most kRowsPerTask
   // terms each, float) and then along x into a per-task low-res partial (h x w, double: thousands of terms).
@@ -339,7 +350,7 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
       const i64 ya = ty.i0[p0], yb = ty.i1[p1 - 1];  // low-res rows this task touches
       std::fill(gh.begin() + ya * W, gh.begin() + (yb + 1) * W, 0.0f);
       const float wl1 = w_l1[b], ckl = c_kl[b];
-      const float log_sp = ckl != 0.0f ? std::log(stats[b * 4 + 2]) : 0.0f;
+      const float sp = stats[b * 4 + 2];
       double acc_kl = 0.0;
       for (i64 p = p0; p < p1; ++p) {
         const float* srow = s + (b * H + p) * W;
@@ -354,18 +365,7 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
             gs[q] += d > 0.0f ? wl1 : d < 0.0f ? -wl1 : 0.0f;  // wl1 * sign(d), sign(0) = 0 as torch.sign
           }
         }
-        if (ckl != 0.0f) {
-          const float* lq = logq.data() + p * W;
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (i64 q = 0; q < W; ++q) {
-            const float pe = srow[q] + eps_kl;
-            const float logpq = log_f(pe) - log_sp - lq[q];
-            acc += pe * logpq;
-            gs[q] += ckl * logpq;
-          }
-          acc_kl += acc;
-        }
+        if (ckl != 0.0f) acc_kl += kl_row<true>(srow, qv.data() + p * W, W, eps_kl, sp, ckl, gs.data());
         float *g0 = gh.data() + ty.i0[p] * W, *g1 = gh.data() + ty.i1[p] * W;
         const float wy0 = ty.w0[p], wy1 = ty.w1[p];
 #pragma omp simd
@@ -399,7 +399,6 @@ void backward(std::uintptr_t grad_s_, std::uintptr_t grad_masked_, std::uintptr_
     if (c_kl[b] != 0.0f) {
       double kl = 0.0;
       for (i64 j = 0; j < T; ++j) kl += part_kl[b * T + j];
-      kl /= static_cast<double>(st[2]);
       const double shift = static_cast<double>(c_kl[b]) * kl;
       for (i64 y = 0; y < h; ++y)
         for (i64 x = 0; x < w; ++x) gn[y * w + x] -= shift * ty.total[y] * tx.total[x];

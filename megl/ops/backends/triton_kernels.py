@@ -1,18 +1,20 @@
-"""Triton kernels of the fused saliency op (DESIGN.md §2) and their launch functions.
+"""Triton kernels of the fused saliency op (docs/fused-op.md) and their launch functions; `triton.py` is the glue.
 
-Semantics and the backward are those of `megl.ops.backends.torch_explicit` (the executable spec). Five kernels:
+Semantics and the backward are those of `megl.ops.backends.torch_explicit` (the executable spec). Six kernels:
 
 forward
     _cam_fwd_kernel       grid (B,)          alpha = mean G, z = Σ_k alpha_k A_k (stored as `cam`), min/max of
                                              relu(z), n = (c - m)/(M - m + eps) into a (B, h, w) fp32 scratch
     _saliency_fwd_kernel  grid (B, tiles)    s = bilinear(n) on a BLOCK_R x BLOCK_C tile, masked = I * s, and the
-                                             tile's partial sums [Σ|s - mask|, Σ(s+e), Σ(s+e)log((s+e)/(prior+e)),
-                                             Σ(prior+e)] into a (B, tiles, 4) scratch
+                                             tile's partial sums [Σ|s - mask|, Σ(s+e), -, Σ(prior+e)] into a
+                                             (B, tiles, 4) scratch
+    _kl_fwd_kernel        grid (B, tiles)    (with a prior) S_p, S_q from the partials, then the tile's Σ p log(p/q)
+                                             (s recomputed from n) into slot 2
     _losses_fwd_kernel    grid (B,)          sums the partials over tiles in a fixed order -> l1, kl, stats[2:4]
 backward
     _saliency_bwd_kernel  grid (B, tiles)    g_s and g_I per pixel, the adjoint of bilinear restricted to the tile
                                              (Wy^T g_s Wx with one-hot tap weights, a dense product: no atomics) into
-                                             a (B, tiles, BLOCK_h, BLOCK_w) scratch, and the tile's Σ(s+e)log(p/q)
+                                             a (B, tiles, BLOCK_h, BLOCK_w) scratch, and the tile's Σ p log(p/q)
     _cam_bwd_kernel       grid (B,)          sums the tile grids in a fixed order -> g_n, then the min/max terms
                                              (ties split evenly), g_z, g_A and g_G
 
@@ -20,10 +22,10 @@ Every reduction has a fixed order, so results are bitwise deterministic run to r
 float16 or bfloat16 on a GPU: loads are cast to float32, accumulation is float32, stores cast to the output's
 dtype. In interpreter mode (TRITON_INTERPRET=1 when this module is imported, tests on CPU) float32 only.
 
-KL without a second pass: with t = (s+e)(log(s+e) - log(prior+e)), S_p = Σ(s+e), S_q = Σ(prior+e),
-    kl = Σt / S_p - log S_p + log S_q,    ∂kl/∂s = (log(s+e) - log(prior+e) - Σt/S_p) / S_p.
-The per-sample constant -Σt/S_p² is not known while the tiles run, so the tile kernel upsample-adjoints the rest
-and the per-sample kernel subtracts coef · Σt/S_p · upsample^T(1), where upsample^T(1) = outer(ry, rx) is separable.
+KL in two passes, as every backend (docs/fused-op.md, "KL in float32"): S_p is reduced first, then Σ p log(p/q).
+Its gradient is w_kl (log(p/q) - kl) / S_p; kl is not known while the backward's tiles run, so the tile kernel
+upsample-adjoints the rest and the per-sample kernel subtracts w_kl kl / S_p · upsample^T(1), where
+upsample^T(1) = outer(ry, rx) is separable.
 """
 from __future__ import annotations
 
@@ -76,6 +78,38 @@ def _onehot_weights(i0, i1, lam, cells):
     )
 
 
+@triton.jit
+def _bilinear_tile(n_ptr, b, rows, cols, scale_h, scale_w, h, w):
+    """s = bilinear(n) on a tile of output rows x cols (n: the (B, h, w) normalised map)."""
+    y0, y1, ly = _taps(rows, scale_h, h)
+    x0, x1, lx = _taps(cols, scale_w, w)
+    # gathers from the low-res map: tap indices are clamped into range, so no load mask is needed
+    nb = n_ptr + b * h * w
+    n00 = tl.load(nb + y0[:, None] * w + x0[None, :])
+    n01 = tl.load(nb + y0[:, None] * w + x1[None, :])
+    n10 = tl.load(nb + y1[:, None] * w + x0[None, :])
+    n11 = tl.load(nb + y1[:, None] * w + x1[None, :])
+    wx0, wx1 = (1.0 - lx)[None, :], lx[None, :]
+    return (1.0 - ly)[:, None] * (wx0 * n00 + wx1 * n01) + ly[:, None] * (wx0 * n10 + wx1 * n11)
+
+
+@triton.jit
+def _kl_term(s, prior, eps_kl, sum_p, sum_q):
+    """(p log(p/q), log(p/q)) per pixel, p = (s + e) / S_p, q = (prior + e) / S_q: one log of the ratio."""
+    log_pq = tl.log(((s + eps_kl) / sum_p) / ((prior + eps_kl) / sum_q))
+    return ((s + eps_kl) / sum_p) * log_pq, log_pq
+
+
+@triton.jit
+def _sum_slot(part_ptr, b, n_tiles, slot, BLOCK_T: tl.constexpr):
+    """Σ over sample b's tiles of one slot of the (B, tiles, 4) partials, in a fixed order (same bits anywhere)."""
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        acc += tl.load(part_ptr + (b * n_tiles + ts) * 4 + slot, mask=ts < n_tiles, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 @_gpu_autotune(key=["K", "HW"])
 @triton.jit
@@ -117,17 +151,8 @@ def _saliency_fwd_kernel(
     t = tl.program_id(1)
     rows = (t // n_tiles_w) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = (t % n_tiles_w) * BLOCK_C + tl.arange(0, BLOCK_C)
-    y0, y1, ly = _taps(rows, scale_h, h)
-    x0, x1, lx = _taps(cols, scale_w, w)
     valid = (rows < H)[:, None] & (cols < W)[None, :]
-    # gathers from the low-res map: tap indices are clamped into range, so no load mask is needed
-    nb = n_ptr + b * h * w
-    n00 = tl.load(nb + y0[:, None] * w + x0[None, :])
-    n01 = tl.load(nb + y0[:, None] * w + x1[None, :])
-    n10 = tl.load(nb + y1[:, None] * w + x0[None, :])
-    n11 = tl.load(nb + y1[:, None] * w + x1[None, :])
-    wx0, wx1 = (1.0 - lx)[None, :], lx[None, :]
-    s = (1.0 - ly)[:, None] * (wx0 * n00 + wx1 * n01) + ly[:, None] * (wx0 * n10 + wx1 * n11)
+    s = _bilinear_tile(n_ptr, b, rows, cols, scale_h, scale_w, h, w)
     pix = rows[:, None] * W + cols[None, :]
     HWo = H * W
     tl.store(s_ptr + b * HWo + pix, s.to(s_ptr.dtype.element_ty), mask=valid)
@@ -136,20 +161,35 @@ def _saliency_fwd_kernel(
         x = tl.load(I_ptr + off, mask=valid, other=0.0).to(tl.float32)
         tl.store(masked_ptr + off, (x * s).to(masked_ptr.dtype.element_ty), mask=valid)
     part = part_ptr + (b * n_tiles + t) * 4
-    ps = s + eps_kl
-    tl.store(part + 1, tl.sum(tl.where(valid, ps, 0.0)))
+    tl.store(part + 1, tl.sum(tl.where(valid, s + eps_kl, 0.0)))
+    tl.store(part + 2, 0.0)  # Σ p log(p/q): _kl_fwd_kernel's slot
     if HAS_MASK:
         mk = tl.load(mask_ptr + b * HWo + pix, mask=valid, other=0.0)
         tl.store(part, tl.sum(tl.where(valid, tl.abs(s - mk), 0.0)))
     else:
         tl.store(part, 0.0)
     if HAS_PRIOR:
-        pq = tl.load(prior_ptr + pix, mask=valid, other=1.0) + eps_kl
-        tl.store(part + 2, tl.sum(tl.where(valid, ps * (tl.log(ps) - tl.log(pq)), 0.0)))
-        tl.store(part + 3, tl.sum(tl.where(valid, pq, 0.0)))
+        tl.store(part + 3, tl.sum(tl.where(valid, tl.load(prior_ptr + pix, mask=valid, other=0.0) + eps_kl, 0.0)))
     else:
-        tl.store(part + 2, 0.0)
         tl.store(part + 3, 0.0)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    n_ptr, prior_ptr, part_ptr, H, W, h, w, scale_h, scale_w, eps_kl, n_tiles_w, n_tiles,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    sum_p = _sum_slot(part_ptr, b, n_tiles, 1, BLOCK_T)  # the same bits as _losses_fwd_kernel's
+    sum_q = _sum_slot(part_ptr, b, n_tiles, 3, BLOCK_T)
+    rows = (t // n_tiles_w) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (t % n_tiles_w) * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = (rows < H)[:, None] & (cols < W)[None, :]
+    s = _bilinear_tile(n_ptr, b, rows, cols, scale_h, scale_w, h, w)  # fp32 s, not the stored (maybe fp16) one
+    prior = tl.load(prior_ptr + rows[:, None] * W + cols[None, :], mask=valid, other=0.0)
+    term, _ = _kl_term(s, prior, eps_kl, sum_p, sum_q)
+    tl.store(part_ptr + (b * n_tiles + t) * 4 + 2, tl.sum(tl.where(valid, term, 0.0)))
 
 
 @triton.jit
@@ -158,20 +198,8 @@ def _losses_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_SELECT: tl.constexpr, HAS_PRIOR: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    acc_l1 = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_p = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK_T], dtype=tl.float32)
-    acc_q = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for t0 in range(0, n_tiles, BLOCK_T):
-        ts = t0 + tl.arange(0, BLOCK_T)
-        tv = ts < n_tiles
-        row = part_ptr + (b * n_tiles + ts) * 4
-        acc_l1 += tl.load(row, mask=tv, other=0.0)
-        acc_p += tl.load(row + 1, mask=tv, other=0.0)
-        acc_t += tl.load(row + 2, mask=tv, other=0.0)
-        acc_q += tl.load(row + 3, mask=tv, other=0.0)
-    sum_p = tl.sum(acc_p, axis=0)
-    l1 = tl.sum(acc_l1, axis=0) / HW
+    sum_p = _sum_slot(part_ptr, b, n_tiles, 1, BLOCK_T)
+    l1 = _sum_slot(part_ptr, b, n_tiles, 0, BLOCK_T) / HW
     if HAS_SELECT:
         sel = tl.load(has_mask_ptr + b) != 0
     if HAS_MASK:
@@ -179,8 +207,8 @@ def _losses_fwd_kernel(
     tl.store(l1_ptr + b, l1)
     tl.store(stats_ptr + b * 4 + 2, sum_p)
     if HAS_PRIOR:
-        sum_q = tl.sum(acc_q, axis=0)
-        kl = tl.sum(acc_t, axis=0) / sum_p - tl.log(sum_p) + tl.log(sum_q)
+        sum_q = _sum_slot(part_ptr, b, n_tiles, 3, BLOCK_T)
+        kl = _sum_slot(part_ptr, b, n_tiles, 2, BLOCK_T)
         if HAS_SELECT:
             kl = tl.where(sel, 0.0, kl)
         tl.store(kl_ptr + b, kl)
@@ -229,10 +257,11 @@ def _saliency_bwd_kernel(
         w_kl = tl.load(grad_kl_ptr + b)
         if HAS_SELECT:
             w_kl = tl.where(sel, 0.0, w_kl)
-        ps = s + eps_kl
-        logr = tl.log(ps) - tl.log(tl.load(prior_ptr + pix, mask=valid, other=1.0) + eps_kl)
-        g += (w_kl / tl.load(stats_ptr + b * 4 + 2)) * logr  # the constant -Σt/S_p part is added per sample
-        tl.store(t_part_ptr + b * n_tiles + t, tl.sum(tl.where(valid, ps * logr, 0.0)))
+        sum_p = tl.load(stats_ptr + b * 4 + 2)
+        prior = tl.load(prior_ptr + pix, mask=valid, other=0.0)
+        term, log_pq = _kl_term(s, prior, eps_kl, sum_p, tl.load(stats_ptr + b * 4 + 3))
+        g += (w_kl / sum_p) * log_pq  # the constant -w_kl kl / S_p part is added per sample
+        tl.store(t_part_ptr + b * n_tiles + t, tl.sum(tl.where(valid, term, 0.0)))
     g = tl.where(valid, g, 0.0)
     # adjoint of bilinear on this tile: gn_tile = Wy^T g Wx, with Wy (BLOCK_R, BLOCK_h), Wx (BLOCK_C, BLOCK_w)
     y0, y1, ly = _taps(rows, scale_h, h)
@@ -270,7 +299,7 @@ def _cam_bwd_kernel(
         for t0 in range(0, n_tiles, BLOCK_L):
             ts = t0 + tl.arange(0, BLOCK_L)
             acc_t += tl.load(t_part_ptr + b * n_tiles + ts, mask=ts < n_tiles, other=0.0)
-        const = (w_kl / sum_p) * (tl.sum(acc_t, axis=0) / sum_p)
+        const = (w_kl / sum_p) * tl.sum(acc_t, axis=0)  # w_kl kl / S_p
         # upsample^T(1)[i, j] = ry[i] * rx[j]: how much weight all output rows / columns put on low-res row i / col j
         ry = tl.zeros([BHW], dtype=tl.float32)
         for r0 in range(0, H, BLOCK_L):
@@ -366,12 +395,17 @@ def saliency_forward(A, G, I, mask, has_mask, prior, eps, eps_kl, *, block_r=Non
         n, I, mask_a, prior_a, s, masked, part, C, H, W, h, w, h / H, w / W, eps_kl, n_tiles_w, n_tiles,
         HAS_MASK=mask is not None, HAS_PRIOR=prior is not None, BLOCK_R=block_r, BLOCK_C=block_c,
     )
+    block_t = min(_pow2(n_tiles), 1024)
+    if prior is not None:
+        _kl_fwd_kernel[(B, n_tiles)](
+            n, prior_a, part, H, W, h, w, h / H, w / W, eps_kl, n_tiles_w, n_tiles,
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=block_t,
+        )
     l1 = torch.empty(B, **f32)
     kl = torch.empty(B, **f32)
     _losses_fwd_kernel[(B,)](
         part, sel_a, l1, kl, stats, n_tiles, H * W,
-        HAS_MASK=mask is not None, HAS_SELECT=has_mask is not None, HAS_PRIOR=prior is not None,
-        BLOCK_T=min(_pow2(n_tiles), 1024),
+        HAS_MASK=mask is not None, HAS_SELECT=has_mask is not None, HAS_PRIOR=prior is not None, BLOCK_T=block_t,
     )
     return s, masked, l1, kl, alpha, cam, stats
 
