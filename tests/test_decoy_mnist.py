@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,36 @@ def test_bad_sizes_and_an_existing_output_are_refused(tmp_path):
         run(tmp_path)
     with pytest.raises(SystemExit, match=r"--mask-fraction"):
         run(tmp_path, "--overwrite", "--mask-fraction", "1.5")
+
+
+def test_decoy_experiment_smoke_writes_its_table(tmp_path, monkeypatch):
+    from megl import experiments
+
+    monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
+    out = tmp_path / "exp"
+    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline,rrr,megl", "--n-train", "20", "--n-val", "8",
+            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(out), "--threads", "1",
+            "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    assert experiments.main(argv) == 0
+    md = (out / "table-cnn-hard-f1.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["plain (CE)", "RRR", "MEGL"]
+    res = json.loads((out / "table-cnn-hard-f1.json").read_text())["results"]
+    for method in ("baseline", "rrr", "megl"):
+        r = res[method][0]
+        assert 0 <= r["test"] <= 1 and 0 <= r["test_clean"] <= 1 and 0 <= r["miou"] <= 1 and r["epoch_seconds"] > 0
+    # RRR reads the corners annotation, the others the digit annotation (same images)
+    cfg = {m: json.loads((Path(res[m][0]["run_dir"]) / "config.json").read_text()) for m in ("baseline", "rrr")}
+    assert "corners-" in cfg["rrr"]["data_root"] and "digit-" in cfg["baseline"]["data_root"]
+    # the mlp skips Grad-CAM methods with a note
+    assert experiments.main(argv[:2] + ["mlp", "--methods", "baseline,megl"] + argv[5:]) == 0
+    assert "megl on the mlp: n/a" in (out / "table-mlp-paper-f1.md").read_text()
+
+
+def test_decoy_experiment_without_mnist_says_how_to_point_at_it(tmp_path, monkeypatch):
+    from megl import experiments
+
+    monkeypatch.delenv(mn.ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--mnist DIR"):
+        experiments.main(["decoy-mnist", "--out", str(tmp_path / "x")])
