@@ -44,6 +44,7 @@ class Config:
     vit_hidden: int = 768
     vit_mlp: int = 3072
     small_net_channels: int = 1  # mlp / cnn: 1 reads images as grey (channel mean), 3 as RGB
+    cnn_gradcam_layer: str = "conv2"  # cnn: Grad-CAM at the second conv (8x8 at 28 px) or the first (24x24)
 
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")

@@ -47,7 +47,10 @@ VARIANTS: dict[str, dict] = {
     "paper": {"swatch": 4, "digit_contrast": 1.0, "noise": 0.0},
     "hard": {"swatch": 8, "digit_contrast": 0.6, "noise": 0.2},
 }
-SIZES = {"n_train": 10000, "n_val": 1000, "n_test": 2000}  # subsample of MNIST that fits the CPU budget
+# subsamples of MNIST that fit the CPU budget: the mlp at the calibration's 10k training digits, the conv nets at 5k
+SIZES = {"mlp": {"n_train": 10000, "n_val": 1000, "n_test": 2000},
+         "cnn": {"n_train": 5000, "n_val": 1000, "n_test": 2000}}
+SIZES["resnet18"] = SIZES["cnn"]
 # Shared training settings; tiny CLIP / LLM for MEGL's text term (issue 14 makes them pretrained).
 TRAIN: dict[str, Any] = {"image_size": 28, "batch_size": 64, "eval_batch_size": 500, "lr": 1e-3,
                          "num_overlays": 0, "checkpoint_every": 10 ** 6, "clip_image_size": 32,
@@ -83,7 +86,7 @@ def mnist_dir(arg: Optional[str]) -> Path:
 
 
 def construction(args) -> dict:
-    c = dict(VARIANTS[args.variant], **SIZES, seed=args.data_seed)
+    c = dict(VARIANTS[args.variant], **SIZES[args.backbone], seed=args.data_seed)
     for k in ("n_train", "n_val", "n_test", "swatch", "digit_contrast", "noise"):
         if getattr(args, k) is not None:
             c[k] = getattr(args, k)
@@ -244,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-fraction", type=float, default=1.0, help="share of training images with a mask")
     p.add_argument("--mnist", help="MNIST IDX folder (default: $MEGL_MNIST, else ../shared/data/mnist)")
     for k in ("n_train", "n_val", "n_test"):
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {SIZES[k]}")
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {SIZES['mlp'][k]} (mlp), "
+                       f"{SIZES['cnn'][k]} (cnn, resnet18)")
     p.add_argument("--swatch", type=int, help="override the variant's swatch side (px)")
     p.add_argument("--digit-contrast", type=float, help="override the variant's digit contrast")
     p.add_argument("--noise", type=float, help="override the variant's pixel noise std")

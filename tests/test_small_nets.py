@@ -24,23 +24,23 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("size,channels,grid", [(28, 1, 8), (36, 3, 12)])
-def test_cnn_gradcam_matches_autograd_and_captum(size, channels, grid):
+@pytest.mark.parametrize("size,channels,layer,grid", [(28, 1, "conv2", 8), (36, 3, "conv2", 12), (28, 1, "conv1", 24)])
+def test_cnn_gradcam_matches_autograd_and_captum(size, channels, layer, grid):
     from captum.attr import LayerGradCam
 
     torch.manual_seed(0)
-    clf = SmallCNNClassifier(10, size, in_channels=channels).double().eval()
-    assert clf.grid == (grid, grid)
+    clf = SmallCNNClassifier(10, size, in_channels=channels, gradcam_layer=layer).double().eval()
+    assert clf.grid == (grid, grid) and clf.feature_grid == ((size - 4) // 2 - 4,) * 2
     x = torch.rand(3, 3, size, size, dtype=DT)
     if channels == 1:
         x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)  # grey, as the loader gives it
     target = torch.tensor([1, 4, 7])
     out = clf(x)
     grads = clf.gradcam_gradients(out, target, create_graph=True)
-    assert grads.shape == (3, 50, grid, grid) and grads.requires_grad  # differentiable for the training losses
+    assert grads.shape == (3, 50 if layer == "conv2" else 20, grid, grid) and grads.requires_grad  # differentiable for the training losses
     # autograd via a hook on the tapped layer (the second conv's ReLU)
     store = {}
-    layer = clf.net.features[4]
+    layer = clf.net.features[clf.tap - 1]
     h = layer.register_forward_hook(lambda m, i, o: store.update(a=o) or o.retain_grad())
     logits = clf(x).logits
     h.remove()
@@ -96,7 +96,9 @@ def decoy_root(tmp_path_factory):
 
 
 def _model(root, backbone, method):
+    backbone, _, layer = backbone.partition("-")
     cfg = Config(backbone=backbone, method=method, image_size=28, data_root=str(root), tokenizer_vocab_size=300,
+                 cnn_gradcam_layer=layer or "conv2",
                  tiny_llm_hidden=32, tiny_clip_width=32, clip_image_size=32, saliency_backend="reference").validate()
     splits = load_splits(root, image_size=28)
     train = splits["train"]
@@ -106,7 +108,7 @@ def _model(root, backbone, method):
 
 
 @pytest.mark.parametrize("backbone,method", [("cnn", m) for m in ("baseline", "rrr", "cdep") + GRADCAM_METHODS]
-                         + [("mlp", m) for m in ("baseline", "rrr", "cdep")])
+                         + [("mlp", m) for m in ("baseline", "rrr", "cdep")] + [("cnn-conv1", "megl")])
 def test_every_method_trains_two_steps(decoy_root, backbone, method, one_thread):
     from megl.train import make_optimizer
 

@@ -192,7 +192,8 @@ def build_classifier(config, num_classes: int) -> Classifier:
 
         if config.backbone == "mlp":
             return MLPClassifier(num_classes, config.image_size, in_channels=config.small_net_channels)
-        return SmallCNNClassifier(num_classes, config.image_size, in_channels=config.small_net_channels)
+        return SmallCNNClassifier(num_classes, config.image_size, in_channels=config.small_net_channels,
+                                  gradcam_layer=config.cnn_gradcam_layer)
     raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18, vit_b_16, mlp or cnn")
 
 
