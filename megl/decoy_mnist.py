@@ -179,12 +179,18 @@ def score(model, parts: dict, swatch: int, batch: int = 500) -> dict:
 
 
 # ----------------------------------------------------------------------------- runs
-def run_method(base: dict, out: Path, backbone: str, method: str, seed: int, parts: dict, swatch: int) -> dict:
-    """Train (or reuse) one run and score it; the scores are cached in the run directory."""
+def run_method(base: dict, out: Path, backbone: str, method: str, seed: int, parts: dict, swatch: int,
+               train: bool = True) -> Optional[dict]:
+    """Train (or reuse) one run and score it; the scores are cached in the run directory. train=False: only a
+    finished run is scored (None otherwise)."""
     from megl import experiments as ex
     from megl import runs
 
     name, _, ablation = method.partition("/")
+    if not train:
+        config = ex.run_config(base, backbone, name, seed, ablation or None)
+        if not ex._finished(out / "runs" / ex.run_name(config, ablation or None), config):
+            return None
     payload = ex.run_one(base, out, backbone, name, seed, ablation or None, text=False)
     run_dir = Path(payload["run_dir"])
     cache = run_dir / "decoy_eval.json"
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "method; the table then shows validation columns only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Config override for every run")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap (smoke tests)")
+    p.add_argument("--no-train", action="store_true", help="tabulate finished runs only; train nothing")
     p.add_argument("--out", default="runs/decoy-mnist", help="output directory (default runs/decoy-mnist)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     return p
@@ -312,6 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bb == "resnet18":
         common.update(resnet_stem_maxpool=False)  # 28 px: keep a 4x4 layer4 map (stride 1)
     results: dict[str, list] = {}
+    notes_missing: list[str] = []
     t0 = time.time()
     for method in methods:
         name = method.split("/")[0]
@@ -325,10 +333,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"megl.experiments: {e}")
             label = method if sweep_key is None else f"{method} {sweep_key}={value}"
-            results[label] = [run_method(d, out, bb, method, s, parts, c["swatch"]) for s in seeds]
+            rows = [run_method(d, out, bb, method, s, parts, c["swatch"], not args.no_train) for s in seeds]
+            results[label] = [r for r in rows if r is not None]
+            if len(results[label]) < len(seeds):
+                notes_missing.append(f"{label}: {len(results[label])} of {len(seeds)} seeds finished")
             shown = ("val", "val_clean") if sweep_key else ("test", "val", "val_clean")  # a sweep never shows test
-            print(f"[decoy-mnist] {label}: " + ", ".join(f"{k} {_pct(aggregate(results[label], k))}" for k in shown),
-                  file=sys.stderr, flush=True)
+            if results[label]:
+                print(f"[decoy-mnist] {label}: " + ", ".join(f"{k} {_pct(aggregate(results[label], k))}"
+                                                             for k in shown), file=sys.stderr, flush=True)
     base = results.get("baseline")
     base_sec = aggregate(base, "epoch_seconds")[0] if base else None
     desc = ", ".join(f"{k} {v}" for k, v in c.items())
@@ -342,6 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              " of the predicted class on the test digits, threshold 0.5, against the dilated strokes.",
              f"- Hyper-parameters (chosen on val): {'; '.join(f'{m} {v}' for (b, m), v in HPARAMS.items() if b == bb) or 'papers defaults'}"
              + (f"; swept {sweep_key}" if sweep_key else "") + f". Wall time {time.time() - t0:.0f} s."]
+    if notes_missing:
+        notes.append("- Not yet trained (--no-train): " + "; ".join(notes_missing) + ".")
     md += "\n" + "\n".join(n for n in notes if n) + "\n"
     stem = "sweep" if sweep_key else "table"
     tag = f"{bb}-{args.variant}-f{args.mask_fraction:g}"
