@@ -352,7 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "methods on the `digit` annotation (they reward the mask). mIoU: " +
              ("input-gradient saliency (the mlp has no Grad-CAM)" if bb == "mlp" else "Grad-CAM") +
              " of the predicted class on the test digits, threshold 0.5, against the dilated strokes.",
-             f"- Hyper-parameters (chosen on val): {'; '.join(f'{m} {v}' for (b, m), v in HPARAMS.items() if b == bb) or 'papers defaults'}"
+             "- Hyper-parameters (chosen on val, docs/decoy_mnist.md): "
+             + ("; ".join(f"{m} {v}" for (b, m), v in HPARAMS.items() if b == bb) or "the papers' defaults")
              + (f"; swept {sweep_key}" if sweep_key else "") + f". Wall time {time.time() - t0:.0f} s."]
     if notes_missing:
         notes.append("- Not yet trained (--no-train): " + "; ".join(notes_missing) + ".")

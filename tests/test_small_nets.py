@@ -37,7 +37,8 @@ def test_cnn_gradcam_matches_autograd_and_captum(size, channels, layer, grid):
     target = torch.tensor([1, 4, 7])
     out = clf(x)
     grads = clf.gradcam_gradients(out, target, create_graph=True)
-    assert grads.shape == (3, 50 if layer == "conv2" else 20, grid, grid) and grads.requires_grad  # differentiable for the training losses
+    # differentiable, for the training losses
+    assert grads.shape == (3, 50 if layer == "conv2" else 20, grid, grid) and grads.requires_grad
     # autograd via a hook on the tapped layer (the second conv's ReLU)
     store = {}
     layer = clf.net.features[clf.tap - 1]
