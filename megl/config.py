@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from megl.errors import UserError
 
-BACKBONES = ("resnet18", "vit_b_16")
+BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
+GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
 TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
 
 
@@ -65,6 +66,8 @@ class Config:
     vit_heads: int = 12
     vit_hidden: int = 768
     vit_mlp: int = 3072
+    small_net_channels: int = 1  # mlp / cnn: 1 reads images as grey (channel mean), 3 as RGB
+    cnn_gradcam_layer: str = "conv2"  # cnn: Grad-CAM at the second conv (8x8 at 28 px) or the first (24x24)
 
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
@@ -140,6 +143,9 @@ class Config:
 
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.backbone == "mlp" and self.method in GRADCAM_METHODS:
+            raise ConfigError(f"method {self.method} needs Grad-CAM, which needs a convolutional backbone: the mlp has "
+                              "none; use backbone cnn or resnet18 (plain CE, rrr and cdep run on the mlp)")
         if self.backbone == "vit_b_16" and self.image_size % self.vit_patch_size:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of vit_patch_size {self.vit_patch_size}")
         for key in ("classifier_weights", "clip_weights", "data_root"):

@@ -3,6 +3,7 @@ write the paper's tables.
 
     python -m megl.experiments table2 --quick                       # synthetic data, CPU-sized, all methods
     python -m megl.experiments table4 --quick                       # MEGL ablation (paper Table 4)
+    python -m megl.experiments decoy-mnist --backbone cnn --seeds 0,1,2  # DecoyMNIST (megl.decoy_mnist)
     python -m megl.experiments table2 --data-root data/object-me --backbones resnet18,vit_b_16 \\
         --seeds 0,1,2 --epochs 10 --device cuda --set clip_weights=... --set llm=...
 
@@ -387,7 +388,8 @@ def _csv(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megl.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=("table2", "table4"))
+    p.add_argument("table", choices=("table2", "table4"),
+                   help="(or decoy-mnist: see python -m megl.experiments decoy-mnist --help)")
     p.add_argument("--data-root", help="Object-ME / Action-ME directory (default: the synthetic dataset)")
     p.add_argument("--backbones", default="resnet18,vit_b_16", help="comma list (default resnet18,vit_b_16)")
     p.add_argument("--methods", default=",".join(TABLE2_METHODS), help="table2: comma list of methods")
@@ -405,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decoy-mnist"]:  # its own options (megl.decoy_mnist)
+        from megl.decoy_mnist import main as decoy_main
+
+        return decoy_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -109,7 +109,7 @@ def evaluate(model, split, config: Config, d: Dist) -> dict:
     sharded over ranks and gathered: the same metric functions and conventions as megl.evaluate.evaluate_split,
     which adds text, faithfulness and the report but runs on one process."""
     from megl.data import collate
-    from megl.metrics import classification_metrics, iou
+    from megl.metrics import classification_metrics
 
     ds = split.expanded(False)
     model.eval()
@@ -117,11 +117,8 @@ def evaluate(model, split, config: Config, d: Dist) -> dict:
     idx = list(range(d.rank, len(ds), d.world))
     for start in range(0, len(idx), config.eval_batch_size):
         batch = to_device(collate([ds[i] for i in idx[start:start + config.eval_batch_size]]), d.device)
-        logits, sal = model.explain(batch["image"])
-        preds += logits.argmax(1).tolist()
+        preds += _predict_and_iou(model, batch, ious).argmax(1).tolist()
         labels += batch["label"].tolist()
-        scores = iou(sal.saliency.float(), batch["mask"])
-        ious += [float(s) for s, h in zip(scores.cpu(), batch["has_mask"].cpu()) if h]
     gathered = d.gather((preds, labels, ious))
     preds = [p for g in gathered for p in g[0]]
     labels = [t for g in gathered for t in g[1]]
@@ -131,13 +128,26 @@ def evaluate(model, split, config: Config, d: Dist) -> dict:
     return {k: out[k] for k in METRIC_KEYS}
 
 
+def _predict_and_iou(model, batch: dict, ious: list) -> torch.Tensor:
+    """Logits of a batch; appends the IoU of each annotated sample's saliency (none without Grad-CAM: mlp)."""
+    from megl.metrics import iou
+
+    if not model.classifier.has_gradcam:
+        with torch.no_grad():
+            return model.classifier(batch["image"]).logits
+    logits, sal = model.explain(batch["image"])
+    scores = iou(sal.saliency.float(), batch["mask"])
+    ious += [float(s) for s, h in zip(scores.cpu(), batch["has_mask"].cpu()) if h]
+    return logits
+
+
 def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     from megl.data import collate
     from megl.files import safe_stem
     from megl.predict import save_panel
 
     ds = split.expanded(False)
-    if n <= 0 or len(ds) == 0:
+    if n <= 0 or len(ds) == 0 or not model.classifier.has_gradcam:
         return
     items = [ds[i] for i in range(min(n, len(ds)))]
     batch = to_device(collate(items), device)
@@ -271,6 +281,7 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
         model.train()
         bar = tqdm(loader, total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (progress and d.main), dynamic_ncols=True, file=sys.stderr)
+        t_epoch = time.time()  # training time only (no evaluation): the per-epoch cost that methods are compared on
         for bi, batch in enumerate(bar, start=start):
             terms = net(to_device(batch, d.device), prior)
             optimizer.zero_grad(set_to_none=True)
@@ -292,7 +303,8 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
             # which are also the ones the checkpoint stores
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
-        entry = {"epoch": epoch + 1, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1))}
+        entry = {"epoch": epoch + 1, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
+                 "train_seconds": round(time.time() - t_epoch, 3)}
         for name in ("val", "test"):
             if len(splits[name]):
                 entry[name] = evaluate(model, splits[name], config, d)

@@ -1,4 +1,4 @@
-"""Convert the raw VQA-X / ACT-X releases to the Object-ME / Action-ME on-disk format (DESIGN.md §4).
+"""Convert the raw VQA-X / ACT-X releases (and MNIST, as DecoyMNIST) to the Object-ME / Action-ME on-disk format.
 
     python -m megl.data.convert vqax --exp train=textual/train_exp_anno.json --exp test=textual/test_exp_anno.json \\
         --questions v2_OpenEnded_mscoco_train2014_questions.json --questions v2_OpenEnded_mscoco_val2014_questions.json \\
@@ -6,6 +6,7 @@
         --images coco/train2014 --images coco/val2014 --visual visual/test --out data/object-me
     python -m megl.data.convert actx --exp train=textual/exp_train_split.json --exp test=textual/exp_test_split.json \\
         --images mpii/images --visual visual/test --out data/action-me
+    python -m megl.data.convert decoy-mnist --mnist ../shared/data/mnist --out data/decoy-mnist --mask corners
 
 Every filter that decides which samples and classes survive is an option with its default shown in --help; the
 converter prints how many entries each filter removed and Table-1-style statistics of the result.
@@ -443,6 +444,58 @@ def convert_actx(args) -> dict:
     return _finish(samples, args, dropped, read, "Action-ME (converted)", masks)
 
 
+# ----------------------------------------------------------------------------- DecoyMNIST
+def convert_decoy_mnist(args) -> dict:
+    """MNIST IDX files -> DecoyMNIST in the Object-ME format (megl.data.mnist holds the construction)."""
+    from PIL import Image
+
+    from .mnist import CORNERS, DIGITS, DecoyOptions, MNISTError, corners_mask, decoy_splits, rationale
+
+    if not 0.0 <= args.mask_fraction <= 1.0:
+        raise ConvertError(f"--mask-fraction {args.mask_fraction} must be in [0, 1]")
+    try:
+        opts = DecoyOptions(swatch=args.swatch, digit_contrast=args.digit_contrast, noise=args.noise)
+        parts = decoy_splits(args.mnist, args.n_train, args.n_val, args.n_test, args.seed, opts)
+    except (MNISTError, ValueError) as e:
+        raise ConvertError(str(e))
+    out = Path(args.out)
+    if args.overwrite:
+        for sub in ("images", "masks"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    if args.mask == "corners":  # one annotation for every image: the four places a swatch may sit
+        np.save(out / "masks" / "corners.npy", corners_mask(args.swatch, parts["train"][1].images.shape[1:]))
+    n_train = len(parts["train"][0])
+    annotated = set(np.random.default_rng([args.seed, 9]).permutation(n_train)[:round(args.mask_fraction * n_train)])
+    ann = {}
+    for split, (indices, d) in parts.items():
+        for j, src in enumerate(indices):
+            ident = f"{split}-{int(src):05d}"
+            Image.fromarray(d.images[j], mode="L").save(out / "images" / f"{ident}.png")
+            mask = ""
+            if split != "train" or j in annotated:  # --mask-fraction thins the training annotations only
+                if args.mask == "corners":
+                    mask = "masks/corners.npy"
+                else:
+                    mask = f"masks/{ident}.npy"
+                    np.save(out / mask, d.digit_mask[j])
+            y = int(d.labels[j])
+            ann[ident] = {"class_id": y, "ans": DIGITS[y], "image_path": f"images/{ident}.png", "visual_exp": mask,
+                          "exp": [rationale(y, d.digit_mask[j])], "split": split,
+                          "decoy": {"corner": CORNERS[int(d.corner[j])], "shade": int(d.shade[j])},
+                          "source": "decoy-mnist"}
+    (out / "classes.json").write_text(json.dumps(list(DIGITS), indent=1))
+    (out / "exp_annotation.json").write_text(json.dumps(ann, indent=1))
+    settings = {k: getattr(args, k) for k in ("mask", "mask_fraction", "n_train", "n_val", "n_test", "seed",
+                                              "swatch", "digit_contrast", "noise")}
+    (out / "decoy.json").write_text(json.dumps(settings, indent=1))
+    stats = _stats(ann, len(DIGITS))
+    print(f"wrote {len(ann)} samples to {out}")
+    print(format_statistics(stats, name="DecoyMNIST"))
+    return stats
+
+
 # ----------------------------------------------------------------------------- CLI
 def _common(p: argparse.ArgumentParser, min_count: int, max_classes: int) -> None:
     p.add_argument("--images", action="append", required=True, metavar="DIR", help="image folder (repeatable)")
@@ -500,12 +553,40 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--exp-field", default="exp,explanation,explanations",
                    help="explanation fields (default: %(default)s)")
     _common(a, min_count=1, max_classes=0)
+    d = sub.add_parser("decoy-mnist", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="MNIST IDX files -> DecoyMNIST (Ross et al. 2017) in the Object-ME format",
+                       description="A 4x4 swatch in a random corner of every digit, grey shade 255 - 25*label in "
+                       "train and val (taken from MNIST's training part) and the shade of a random digit in test "
+                       "(MNIST's test part). Masks: corners = 1 except the four corner squares (what RRR / CDEP "
+                       "penalise), digit = the dilated strokes (what GRADIA / HAICS / RES / MEGL reward). "
+                       "--digit-contrast and --noise make the digit the harder cue (docs/decoy_mnist.md).")
+    d.add_argument("--mnist", required=True, type=Path, metavar="DIR",
+                   help="folder with MNIST's four IDX files (.gz or raw; DIR, DIR/raw or DIR/MNIST/raw)")
+    d.add_argument("--out", required=True, type=Path, help="output dataset root")
+    d.add_argument("--mask", choices=("corners", "digit"), default="corners", help="annotation (default: corners)")
+    d.add_argument("--mask-fraction", type=float, default=1.0,
+                   help="share of training images with a mask; val and test always have one (default: 1.0)")
+    d.add_argument("--n-train", type=int, default=50000, help="training digits (default: 50000)")
+    d.add_argument("--n-val", type=int, default=10000, help="validation digits, disjoint from train (default: 10000)")
+    d.add_argument("--n-test", type=int, default=10000, help="test digits (default: 10000, all of MNIST's test part)")
+    d.add_argument("--seed", type=int, default=0, help="subsets, corners, test shades, noise (default: 0)")
+    d.add_argument("--swatch", type=int, default=4, help="swatch side in px (default: 4, the paper's)")
+    d.add_argument("--digit-contrast", type=float, default=1.0,
+                   help="scale the strokes' ink to this fraction (default: 1.0, the paper's)")
+    d.add_argument("--noise", type=float, default=0.0,
+                   help="std of Gaussian pixel noise in [0,1] units over the whole image (default: 0)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing exp_annotation.json")
     return p
 
 
 @cli("megl.data.convert")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.dataset == "decoy-mnist":
+        if (args.out / "exp_annotation.json").exists() and not args.overwrite:
+            raise ConvertError(f"{args.out / 'exp_annotation.json'} exists: pass --overwrite to replace it")
+        convert_decoy_mnist(args)
+        return 0
     if args.min_count < 1 or args.max_classes < 0:
         raise ConvertError("--min-count must be >= 1 and --max-classes >= 0")
     if args.out.exists() and not args.out.is_dir():

@@ -63,6 +63,7 @@ def load_into(net: nn.Module, sd: dict, path: str, what: str, ignore: str) -> No
 
 
 class Classifier(nn.Module):
+    has_gradcam = True  # False: no spatial layer (megl.models.small.MLPClassifier)
     grid: tuple[int, int]  # Grad-CAM map size h, w
     feature_dim: int  # D of the features
 
@@ -201,7 +202,14 @@ def build_classifier(config, num_classes: int) -> Classifier:
     if config.backbone == "vit_b_16":
         return ViTClassifier(num_classes, config.image_size, config.vit_patch_size, config.vit_layers,
                              config.vit_heads, config.vit_hidden, config.vit_mlp, config.classifier_weights)
-    raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18 or vit_b_16")
+    if config.backbone in ("mlp", "cnn"):  # the DecoyMNIST nets (megl.models.small)
+        from .small import MLPClassifier, SmallCNNClassifier
+
+        if config.backbone == "mlp":
+            return MLPClassifier(num_classes, config.image_size, in_channels=config.small_net_channels)
+        return SmallCNNClassifier(num_classes, config.image_size, in_channels=config.small_net_channels,
+                                  gradcam_layer=config.cnn_gradcam_layer)
+    raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18, vit_b_16, mlp or cnn")
 
 
 __all__ = ["Classifier", "ClassifierOutput", "ResNet18Classifier", "ViTClassifier", "build_classifier"]

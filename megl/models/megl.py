@@ -75,7 +75,11 @@ class MEGLModel(nn.Module):
     def visual_tokens(self, out: ClassifierOutput, masked_image: Tensor) -> Tensor:
         Z_I = out.features if self.text_through_features else out.features.detach()
         masked = masked_image if self.text_through_saliency else masked_image.detach()
-        return self.sdtg(Z_I, tuple(out.activations.shape[-2:]), self.clip_encoder(masked))
+        return self.sdtg(Z_I, self._token_grid(out), self.clip_encoder(masked))
+
+    def _token_grid(self, out: ClassifierOutput) -> tuple[int, int]:
+        """Z_I's grid: the Grad-CAM layer's, unless the classifier takes its tokens elsewhere (feature_grid)."""
+        return getattr(self.classifier, "feature_grid", None) or tuple(out.activations.shape[-2:])
 
     def text_loss(self, out: ClassifierOutput, masked_image: Tensor, class_ids: Tensor,
                   rationales: Sequence[str]) -> Tensor:
@@ -91,7 +95,7 @@ class MEGLModel(nn.Module):
                             max_new_tokens: Optional[int] = None) -> list[str]:
         """Greedy rationales for `class_ids` (default: the predicted classes)."""
         out, target, sal = self._inference_gradcam(image01, class_ids)
-        V = self.sdtg(out.features.detach(), tuple(out.activations.shape[-2:]), self.clip_encoder(sal.masked))
+        V = self.sdtg(out.features.detach(), self._token_grid(out), self.clip_encoder(sal.masked))
         embed = self.llm.get_input_embeddings()
         names = [self.class_names[int(c)] for c in target]
         inputs, mask, positions = self.prompts.prompt_batch(embed, V, names)
