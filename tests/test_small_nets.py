@@ -67,7 +67,7 @@ def test_mlp_is_the_rrr_net_and_refuses_gradcam_clearly():
         clf.gradcam_gradients(out, torch.tensor([0, 1]))
     for method in GRADCAM_METHODS:
         with pytest.raises(ValueError, match="convolutional backbone"):
-            Config(backbone="mlp", method=method, image_size=28).validate()
+            Config(backbone="mlp", method=method, image_size=32).validate()  # 32: the synthetic data's least
 
 
 @pytest.mark.parametrize("backbone", ["mlp", "cnn"])
