@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -84,6 +85,14 @@ class Config:
     lr_projector: float = 1e-3  # W_I, W_A
     lr_lora: float = 1e-3
     weight_decay: float = 0.0
+    # recipe (docs/recipe.md): linear warmup over warmup_fraction of all steps, then cosine decay to
+    # min_lr_ratio x lr; a constant lr let test accuracy swing by tens of points between epochs
+    lr_schedule: str = "cosine"  # "cosine" or "constant"
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 5.0  # max global gradient norm (0: off)
+    train_eval_size: int = 300  # training images scored per epoch (train accuracy: is the decoy being read?)
+    grad_share_batches: int = 4  # batches per epoch on which each loss term's gradient norm is measured (0: off)
     checkpoint_every: int = 20  # optimiser steps between checkpoints (and at every epoch end)
     num_workers: int = 0
     num_overlays: int = 4
@@ -111,7 +120,7 @@ class Config:
         # checked here, not as a ZeroDivisionError or an empty range after the first training step
         counts = {k: 1 for k in ("image_size", "epochs", "batch_size", "eval_batch_size", "checkpoint_every",
                                  "max_new_tokens", "lora_r", "tokenizer_vocab_size", "max_steps_per_epoch")}
-        counts.update(num_workers=0, num_overlays=0)
+        counts.update(num_workers=0, num_overlays=0, train_eval_size=0, grad_share_batches=0)
         for key, least in counts.items():
             value = getattr(self, key)
             if value is None and key == "max_steps_per_epoch":  # None: no cap
@@ -119,6 +128,15 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 what = "a positive integer" if least else "an integer >= 0"
                 raise ValueError(f"{key} = {value!r} must be {what} (--set {key}=N with N >= {least})")
+        from megl.schedule import SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        for key, lo, hi in (("warmup_fraction", 0.0, 1.0), ("min_lr_ratio", 0.0, 1.0), ("grad_clip", 0.0, math.inf),
+                            ("weight_decay", 0.0, math.inf)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{key} = {value!r} must be a number in [{lo}, {hi}]")
         for key in ("classifier_weights", "clip_weights", "data_root"):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):

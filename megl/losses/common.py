@@ -112,8 +112,12 @@ def gradcam_pass(classifier: torch.nn.Module, batch: Mapping[str, Any], *, backe
     return GradCamPass(out.logits, sal, tuple(out.activations.shape[-2:]))
 
 
+PARTS = "parts"  # key of the weighted, undetached summands of "total" (megl.train measures their gradients)
+
+
 def result(ce: Tensor, visual: Tensor, weight: float, **parts: Tensor) -> dict[str, Tensor]:
     """The registry's loss dict: total = ce + weight * visual, plus the parts for logging."""
-    out = {"total": ce + weight * visual, "ce": ce.detach(), "visual": visual.detach()}
+    out = {"total": ce + weight * visual, "ce": ce.detach(), "visual": visual.detach(),
+           PARTS: {"ce": ce, "visual": weight * visual}}
     out.update({k: v.detach() for k, v in parts.items()})
     return out
