@@ -75,6 +75,9 @@ class Config:
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
     saliency_backend: str = "auto"
+    # the score whose Grad-CAM the explanation losses supervise: "log_prob" also shows evidence against the other
+    # classes, through which a network otherwise keeps reading a decoy (docs/recipe.md); "logit": classic Grad-CAM
+    saliency_target: str = "log_prob"
     method_args: dict = field(default_factory=dict)  # hyper-parameters of the comparison methods
 
     # --- optimisation
@@ -130,6 +133,10 @@ class Config:
                 raise ValueError(f"{key} = {value!r} must be {what} (--set {key}=N with N >= {least})")
         from megl.schedule import SCHEDULES
 
+        from megl.losses.common import SALIENCY_TARGETS
+
+        if self.saliency_target not in SALIENCY_TARGETS:
+            raise ValueError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)}")
         for key, lo, hi in (("warmup_fraction", 0.0, 1.0), ("min_lr_ratio", 0.0, 1.0), ("grad_clip", 0.0, math.inf),
