@@ -71,6 +71,7 @@ class Config:
     # --- loss (DESIGN §1) and ablation switches (paper Table 4)
     lambda_text: float = 1.0
     lambda_visual: float = 1.0
+    kl_weight: float = 1.0  # the KL term's weight inside the visual term, relative to L1 (paper: 1)
     use_visual: bool = True  # L1(Â, A) on annotated samples
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
@@ -140,7 +141,7 @@ class Config:
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)}")
         for key, lo, hi in (("warmup_fraction", 0.0, 1.0), ("min_lr_ratio", 0.0, 1.0), ("grad_clip", 0.0, math.inf),
-                            ("weight_decay", 0.0, math.inf)):
+                            ("weight_decay", 0.0, math.inf), ("kl_weight", 0.0, math.inf)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
                 raise ValueError(f"{key} = {value!r} must be a number in [{lo}, {hi}]")

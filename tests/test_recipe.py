@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from megl.config import Config
 from megl.schedule import lr_factor
@@ -64,3 +65,30 @@ def test_constant_schedule_and_no_measurement(tmp_path):
     (entry,) = train(config, tmp_path, Dist("cpu"), progress=False)
     assert entry["lr"] == config.lr and "grad_share" not in entry and "train" not in entry
     assert math.isfinite(entry["train_loss"])
+
+
+@torch.no_grad()
+def _decoy_mass(run_dir) -> float:
+    """Mean share of the (classic, predicted-class) Grad-CAM map inside the decoy box, on the training images."""
+    from megl import runs
+    from megl.data import collate
+
+    run = runs.load_run(run_dir)
+    ds = run.splits["train"].expanded(False)
+    batch = collate([ds[i] for i in range(len(ds))])
+    x0, y0, x1, y1 = ds.records[0].meta["decoy_box"]
+    s = run.model.explain(batch["image"])[1].saliency
+    return float((s[:, y0:y1, x0:x1].sum((1, 2)) / s.sum((1, 2)).clamp_min(1e-8)).mean())
+
+
+def test_defaults_move_saliency_off_the_decoy(tmp_path):
+    # a decoy that always names the class: plain CE has no reason to look elsewhere; MEGL's defaults must still
+    # take the saliency off the decoy corner within a few steps
+    data = {"n_train": 24, "n_val": 4, "n_test": 4, "num_classes": 3, "mask_fraction": 0.5, "decoy_strength": 1.0}
+    mass = {}
+    for method in ("baseline", "megl"):
+        config = tiny_config(method=method, synthetic=data, epochs=4, max_steps_per_epoch=None, batch_size=8,
+                             num_overlays=0, train_eval_size=0, grad_share_batches=0)
+        train(config, tmp_path / method, Dist("cpu"), progress=False)
+        mass[method] = _decoy_mass(tmp_path / method)
+    assert mass["megl"] < 0.5 * mass["baseline"], mass

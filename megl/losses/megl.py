@@ -1,6 +1,8 @@
 """MEGL's objective (DESIGN §1) and the CE-only baseline.
 
-    L = CE + λ_text·L_text + λ_vis·[1_V·L1(Â, A) + (1 − 1_V)·KL(Â ‖ Ā)]
+    L = CE + λ_text·L_text + λ_vis·[1_V·L1(Â, A) + w_KL·(1 − 1_V)·KL(Â ‖ Ā)]
+
+(w_KL = config.kl_weight; the paper's form is w_KL = 1.)
 
 Â is the Grad-CAM saliency of the ground-truth class, from the fused op, whose per-sample l1 (0 on samples without
 a mask) and kl (0 on samples with one) are averaged over the batch. Ablation switches (paper Table 4):
@@ -44,7 +46,7 @@ def megl_loss(model, batch, prior, config) -> dict:
         terms["l1"] = l1.detach()
     if use_consistency:
         kl = sal.kl.mean()
-        visual = visual + kl
+        visual = visual + config.kl_weight * kl
         terms["kl"] = kl.detach()
     if use_visual or use_consistency:
         parts["visual"] = config.lambda_visual * visual
