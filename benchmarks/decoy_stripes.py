@@ -79,8 +79,8 @@ def make_split(split: str, n: int, size: int, decoy_strength: float, mask_fracti
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--n-train", type=int, default=800)
+    p.add_argument("--size", type=int, default=32, help="pixels (default: the Config default image_size)")
+    p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-eval", type=int, default=300, help="images in val and in test")
     p.add_argument("--decoy-strength", type=float, default=0.95)
     p.add_argument("--mask-fraction", type=float, default=0.1)

@@ -77,6 +77,8 @@ def _decoy_mass(run_dir) -> float:
     ds = run.splits["train"].expanded(False)
     batch = collate([ds[i] for i in range(len(ds))])
     x0, y0, x1, y1 = ds.records[0].meta["decoy_box"]
+    cell = ds.image_size // run.model.classifier.grid[0]  # the decoy box, rounded out to whole saliency cells
+    x0, y0, x1, y1 = x0 // cell * cell, y0 // cell * cell, -(-x1 // cell) * cell, -(-y1 // cell) * cell
     s = run.model.explain(batch["image"])[1].saliency
     return float((s[:, y0:y1, x0:x1].sum((1, 2)) / s.sum((1, 2)).clamp_min(1e-8)).mean())
 
