@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megl.config import Config
+from megl.config import STORY_DATA, Config
 from megl.schedule import lr_factor
 from megl.train import Dist, grad_share_summary, train
 
@@ -86,7 +86,7 @@ def _decoy_mass(run_dir) -> float:
 def test_defaults_move_saliency_off_the_decoy(tmp_path):
     # a decoy that always names the class: plain CE has no reason to look elsewhere; MEGL's defaults must still
     # take the saliency off the decoy corner within a few steps
-    data = {"n_train": 24, "n_val": 4, "n_test": 4, "num_classes": 3, "mask_fraction": 0.5, "decoy_strength": 1.0}
+    data = {**STORY_DATA, "n_train": 24, "n_val": 4, "n_test": 4, "num_classes": 3, "mask_fraction": 0.5}
     mass = {}
     for method in ("baseline", "megl"):
         config = tiny_config(method=method, synthetic=data, epochs=4, max_steps_per_epoch=None, batch_size=8,
