@@ -15,8 +15,8 @@ from typing import Any, Optional
 BACKBONES = ("resnet18", "vit_b_16")
 TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
 # The embedded default data (docs/recipe.md §5): the class is the object's colour, faint (contrast 0.4); the corner
-# decoy names the class in every training image and is random in val / test; 20 % of training images are masked.
-STORY_DATA = dict(n_train=600, num_classes=6, class_cue="colour", object_contrast=0.4, decoy_strength=1.0,
+# decoy names the class in 95 % of training images and is random in val / test; 20 % of training images are masked.
+STORY_DATA = dict(n_train=600, num_classes=6, class_cue="colour", object_contrast=0.4, decoy_strength=0.95,
                   mask_fraction=0.2, min_object_size=0.16, max_object_size=0.25)
 
 
