@@ -94,3 +94,17 @@ def test_defaults_move_saliency_off_the_decoy(tmp_path):
         train(config, tmp_path / method, Dist("cpu"), progress=False)
         mass[method] = _decoy_mass(tmp_path / method)
     assert mass["megl"] < 0.5 * mass["baseline"], mass
+
+
+def test_colour_cue_data():
+    from megl.data.synthetic import SyntheticConfig, generate_split
+
+    ds = generate_split(SyntheticConfig(n_train=24, image_size=32, num_classes=6, class_cue="colour",
+                                        object_contrast=0.4), "train")
+    assert ds.class_names == ["red", "blue", "green", "yellow", "magenta", "cyan"]
+    assert all(r.meta["colour"] == ds.class_names[r.label] for r in ds.records)
+    assert len({r.meta["shape"] for r in ds.records}) > 1  # the shape is not the class
+    for kw, word in ((dict(class_cue="texture"), "class_cue"), (dict(class_cue="colour", num_classes=8), "num_classes"),
+                     (dict(object_contrast=0.0), "object_contrast")):
+        with pytest.raises(ValueError, match=word):
+            SyntheticConfig(**kw)
