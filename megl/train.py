@@ -1,7 +1,8 @@
 """`python -m megl.train`: train MEGL (or a comparison method) and write a run directory.
 
-With no arguments: the synthetic dataset, ResNet18 at 64 px (layer4 stride 1: 4×4 Grad-CAM map), the tiny
-CLIP and LLM, on CPU, 2 epochs. The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
+With no arguments: the synthetic colour-cue decoy data (megl.config.STORY_DATA), ResNet18 at 32 px (no stem
+max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM, on CPU, 6 epochs of warmup + cosine
+(docs/recipe.md). The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
 optimiser, RNG states, sampler position) is written atomically, so `--resume RUN_DIR` after a crash (even SIGKILL)
 continues exactly where the checkpoint was and, in deterministic mode, ends with the same metrics.
 
