@@ -108,3 +108,10 @@ def test_colour_cue_data():
                      (dict(object_contrast=0.0), "object_contrast")):
         with pytest.raises(ValueError, match=word):
             SyntheticConfig(**kw)
+
+
+def test_sweep_rule_best_validation_mean_ties_to_the_first_value():
+    from megl.sweep import choose
+
+    assert choose({"0.1": [0.50, 0.60], "1": [0.70, 0.72], "10": [0.71, 0.70]}, tie=0.0) == "1"
+    assert choose({"0.1": [0.70, 0.71], "1": [0.71, 0.715]}, tie=0.01) == "0.1"  # within the tie: the first
