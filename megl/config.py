@@ -18,6 +18,10 @@ from megl.errors import UserError
 BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
 TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
+# The embedded default data (docs/recipe.md §5): the class is the object's colour, faint (contrast 0.4); the corner
+# decoy names the class in 95 % of training images and is random in val / test; 20 % of training images are masked.
+STORY_DATA = dict(n_train=600, num_classes=6, class_cue="colour", object_contrast=0.4, decoy_strength=0.95,
+                  mask_fraction=0.2, min_object_size=0.16, max_object_size=0.25)
 
 
 class ConfigError(UserError, ValueError):
@@ -34,6 +38,8 @@ LIMITS: dict[str, tuple[Optional[float], Optional[float]]] = {
                               "vit_heads", "vit_hidden", "vit_mlp")},
     "resnet_layer4_stride": (1, 2),
     "lora_dropout": (0, 1),
+    "warmup_fraction": (0, 1),
+    "min_lr_ratio": (0, 1),
     "clip_feature_layer": (None, None),  # a block index; negative counts from the end
 }
 
@@ -49,8 +55,9 @@ class Config:
 
     # --- data: synthetic (data_root None) or an Object-ME/Action-ME directory
     data_root: Optional[str] = None
-    image_size: int = 64
-    synthetic: dict = field(default_factory=dict)  # overrides of megl.data.synthetic.SyntheticConfig
+    image_size: int = 32
+    # overrides of megl.data.synthetic.SyntheticConfig; the default is the decoy story of docs/recipe.md §5
+    synthetic: dict = field(default_factory=lambda: dict(STORY_DATA))
     allow_external_paths: bool = False  # read image_path / visual_exp that are absolute or leave data_root (../)
 
     # --- classifier
@@ -59,7 +66,7 @@ class Config:
     # Grad-CAM map of ResNet18 = image / 32 by default (2x2 at 64 px: too coarse to guide). Default here: layer4
     # stride 1 -> image / 16 (4x4 at 64 px) at 1.7x the compute of the stock net (no stem max-pool: 3.8x).
     # Paper presets: the stock net (7x7 at 224 px).
-    resnet_stem_maxpool: bool = True
+    resnet_stem_maxpool: bool = False  # 32 px, no stem max-pool, layer4 stride 1: 4x4 map of 8 px cells
     resnet_layer4_stride: int = 1
     vit_patch_size: int = 16  # ViT-B/16 shape; the tests use a tiny ViT through the same code
     vit_layers: int = 12
@@ -72,7 +79,7 @@ class Config:
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
     clip_weights: Optional[str] = None  # local checkpoint for open_clip.create_model(pretrained=...)
-    clip_image_size: int = 64  # tiny CLIP only (named models use their own size)
+    clip_image_size: int = 32  # tiny CLIP only (named models use their own size)
     clip_feature_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     tiny_clip_width: int = 64
     tiny_clip_layers: int = 2
@@ -94,23 +101,35 @@ class Config:
     max_new_tokens: int = 32
 
     # --- loss (DESIGN §1) and ablation switches (paper Table 4)
-    lambda_text: float = 1.0
+    lambda_text: float = 0.1  # docs/recipe.md §2: its share of the classifier gradient, and the 10-class decoy run
     lambda_visual: float = 1.0
+    kl_weight: float = 1.0  # the KL term's weight inside the visual term, relative to L1 (paper: 1)
     use_visual: bool = True  # L1(Â, A) on annotated samples
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
     uniform_prior: bool = False  # Ā uniform when no training image has a mask (else such a run is refused)
     saliency_backend: str = "auto"
+    # the score whose Grad-CAM the explanation losses supervise: "logit" (classic Grad-CAM) or "log_prob", whose map
+    # also shows evidence against the other classes (docs/recipe.md §4: measured, and not better on val)
+    saliency_target: str = "logit"
     method_args: dict = field(default_factory=dict)  # hyper-parameters of the comparison methods
 
     # --- optimisation
-    epochs: int = 2  # the default run (synthetic, ResNet18 64 px, tiny CLIP/LLM) fits in ~5 min on 2 CPU cores
+    epochs: int = 6  # the default run (docs/recipe.md §5) fits in ~5 min on 2 CPU cores
     batch_size: int = 32
     eval_batch_size: int = 64
     lr: float = 1e-3  # classifier
     lr_projector: float = 1e-3  # W_I, W_A
     lr_lora: float = 1e-3
     weight_decay: float = 0.0
+    # recipe (docs/recipe.md): linear warmup over warmup_fraction of all steps, then cosine decay to
+    # min_lr_ratio x lr; a constant lr let test accuracy swing by tens of points between epochs
+    lr_schedule: str = "cosine"  # "cosine" or "constant"
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 5.0  # max global gradient norm (0: off)
+    train_eval_size: int = 300  # training images scored per epoch (train accuracy: is the decoy being read?)
+    grad_share_batches: int = 4  # batches per epoch on which each loss term's gradient norm is measured (0: off)
     checkpoint_every: int = 20  # optimiser steps between checkpoints (and at every epoch end)
     num_workers: int = 0
     num_overlays: int = 4
@@ -148,6 +167,15 @@ class Config:
                               "none; use backbone cnn or resnet18 (plain CE, rrr and cdep run on the mlp)")
         if self.backbone == "vit_b_16" and self.image_size % self.vit_patch_size:
             raise ConfigError(f"image_size {self.image_size} must be a multiple of vit_patch_size {self.vit_patch_size}")
+        from megl.losses.common import SALIENCY_TARGETS
+        from megl.schedule import SCHEDULES
+
+        if self.saliency_target not in SALIENCY_TARGETS:
+            raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
+                              " (--set saliency_target=NAME)")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)} "
+                              "(--set lr_schedule=NAME)")
         for key in ("classifier_weights", "clip_weights", "data_root"):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):

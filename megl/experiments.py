@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megl.config import Config, apply_overrides
+from megl.config import STORY_DATA, Config, apply_overrides
 
 VISUAL_METHODS = ("baseline", "cdep", "haics", "res-g", "res-l", "gradia", "rrr", "megl")
 LLM_METHODS = ("llava", "ft-cot")
@@ -56,7 +56,7 @@ T3_KEYS = ("clipscore", "bleu4", "meteor", "rouge_l", "spice", "cider")
 # CPU-sized settings: a smaller 4-class synthetic dataset (same generator, same decoy), a few epochs, a narrow ViT
 # on the ViT-B/16 code path (patch 16), the tiny CLIP and LLM (the defaults), short rationales.
 QUICK: dict[str, Any] = {
-    "synthetic": {"n_train": 384, "n_val": 64, "n_test": 128, "num_classes": 4},
+    "synthetic": {**STORY_DATA, "n_train": 384, "n_val": 64, "n_test": 128, "num_classes": 4},
     "epochs": 8,
     "batch_size": 16,
     "eval_batch_size": 64,

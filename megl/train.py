@@ -1,7 +1,8 @@
 """`python -m megl.train`: train MEGL (or a comparison method) and write a run directory.
 
-With no arguments: the synthetic dataset, ResNet18 at 64 px (layer4 stride 1: 4×4 Grad-CAM map), the tiny
-CLIP and LLM, on CPU, 2 epochs. The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
+With no arguments: the synthetic colour-cue decoy data (megl.config.STORY_DATA), ResNet18 at 32 px (no stem
+max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM, on CPU, 6 epochs of warmup + cosine
+(docs/recipe.md). The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
 optimiser, RNG states, sampler position) is written atomically, so `--resume RUN_DIR` after a crash (even SIGKILL)
 continues exactly where the checkpoint was and, in deterministic mode, ends with the same metrics.
 
@@ -16,6 +17,7 @@ continues exactly where the checkpoint was and, in deterministic mode, ends with
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import shutil
@@ -32,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from megl import runs
 from megl.config import Config, resolve
 from megl.errors import UserError, cli
+from megl.losses.common import PARTS
+from megl.schedule import lr_factor, set_lr
 
 ABLATIONS = {  # paper Table 4: which explanation modules are on
     "full": dict(use_visual=True, use_text=True, use_consistency=True),
@@ -104,17 +108,20 @@ def to_device(batch: dict, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate(model, split, config: Config, d: Dist) -> dict:
+def evaluate(model, split, config: Config, d: Dist, limit: Optional[int] = None) -> dict:
     """Accuracy, macro P/R/F1 and mIoU (saliency of the predicted class vs the mask, threshold 0.5) on a split,
     sharded over ranks and gathered: the same metric functions and conventions as megl.evaluate.evaluate_split,
-    which adds text, faithfulness and the report but runs on one process."""
+    which adds text, faithfulness and the report but runs on one process. `limit`: score an evenly spaced
+    subset of that many images (the per-epoch train accuracy)."""
     from megl.data import collate
     from megl.metrics import classification_metrics
 
     ds = split.expanded(False)
     model.eval()
     preds, labels, ious = [], [], []
-    idx = list(range(d.rank, len(ds), d.world))
+    chosen = range(len(ds)) if limit is None or limit >= len(ds) else \
+        sorted({k * len(ds) // limit for k in range(limit)})
+    idx = list(chosen)[d.rank::d.world]
     for start in range(0, len(idx), config.eval_batch_size):
         batch = to_device(collate([ds[i] for i in idx[start:start + config.eval_batch_size]]), d.device)
         preds += _predict_and_iou(model, batch, ious).argmax(1).tolist()
@@ -191,6 +198,36 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, weight_decay=config.weight_decay, fused=True)
 
 
+def total_steps(n_items: int, config: Config, world: int) -> int:
+    """Optimiser steps of the whole run (the cosine schedule's length)."""
+    per_epoch = math.ceil(math.ceil(n_items / world) / config.batch_size)
+    if config.max_steps_per_epoch is not None:
+        per_epoch = min(per_epoch, config.max_steps_per_epoch)
+    return per_epoch * config.epochs
+
+
+def term_grad_norms(parts: dict, params: list) -> dict[str, float]:
+    """‖∂ part / ∂ classifier parameters‖ for each weighted summand of the loss (graph kept for the real
+    backward): which term drives the classifier."""
+    out = {}
+    for name, t in parts.items():
+        if not t.requires_grad:
+            out[name] = 0.0
+            continue
+        grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        out[name] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    return out
+
+
+def grad_share_summary(sums: dict, n: int) -> dict:
+    """Per-epoch mean gradient norm of each term and its share of their sum."""
+    if not n:
+        return {}
+    norms = {k: v / n for k, v in sums.items()}
+    total = sum(norms.values()) or 1.0
+    return {"grad_norm": norms, "grad_share": {k: v / total for k, v in norms.items()}}
+
+
 def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
     # per rank: its RNG states and its running loss sum (each rank's shard differs)
     mine = {k: v.cpu() for k, v in rng_state(d.device).items()}
@@ -237,9 +274,11 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     tokenizer = runs.load_run_tokenizer(run_dir, config)
     model = build_model(config, class_names, tokenizer, device=d.device)
     optimizer = make_optimizer(model, config)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": []}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": [],
+             "share_sum": {}, "share_n": 0}
     if ckpt is not None:
         model_state, optim_state, rng, state = ckpt
+        state = {"share_sum": {}, "share_n": 0, **state}
         runs.restore_model(model, model_state, run_dir)
         optimizer.load_state_dict(optim_state)
         mine = {k.split("/", 1)[1]: v for k, v in rng.items() if k.startswith(f"{d.rank}/")}
@@ -262,6 +301,12 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
 
     from tqdm import tqdm
 
+    base_lrs = {g["name"]: {"classifier": config.lr, "projector": config.lr_projector, "lora": config.lr_lora}[g["name"]]
+                for g in optimizer.param_groups}
+    steps = total_steps(len(train_split.expanded(False)), config, d.world)
+    clf_params = model.parameter_groups()["classifier"]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
     for epoch in range(state["epoch"], config.epochs):
         data = EpochRationales(train_split, epoch)
         sampler = DistributedSampler(data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
@@ -273,7 +318,10 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
         start = state["step_in_epoch"]
         if start == 0:
             seed_epoch(config, epoch, d.rank)
-            state["loss_sum"], state["loss_n"] = 0.0, 0
+            state.update(loss_sum=0.0, loss_n=0, share_sum={}, share_n=0)
+        # batches whose per-term gradient norms are measured (one process only: DDP's reducer expects one backward)
+        every = max(1, len(batches) // config.grad_share_batches) if config.grad_share_batches and d.world == 1 \
+            else None
         # own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
         # restores from the checkpoint (that draw would shift every later dropout mask)
         loader = DataLoader(data, batch_sampler=batches[start:], collate_fn=collate, num_workers=config.num_workers,
@@ -284,8 +332,18 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
         t_epoch = time.time()  # training time only (no evaluation): the per-epoch cost that methods are compared on
         for bi, batch in enumerate(bar, start=start):
             terms = net(to_device(batch, d.device), prior)
+            parts = terms.pop(PARTS, {})
+            if every is not None and bi % every == 0 and bi // every < config.grad_share_batches:
+                for k, v in term_grad_norms(parts, clf_params).items():
+                    state["share_sum"][k] = state["share_sum"].get(k, 0.0) + v
+                state["share_n"] += 1
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            set_lr(optimizer, base_lrs, lr_factor(state["global_step"], steps, schedule=config.lr_schedule,
+                                                  warmup_fraction=config.warmup_fraction,
+                                                  min_lr_ratio=config.min_lr_ratio))
             optimizer.step()
             loss = float(terms["total"].detach())
             state["loss_sum"] += loss
@@ -304,12 +362,15 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
         entry = {"epoch": epoch + 1, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                 "train_seconds": round(time.time() - t_epoch, 3)}
+                 "train_seconds": round(time.time() - t_epoch, 3), "lr": optimizer.param_groups[0]["lr"]}
+        entry.update(grad_share_summary(state["share_sum"], state["share_n"]))
+        if config.train_eval_size:
+            entry["train"] = evaluate(model, train_split, config, d, limit=config.train_eval_size)
         for name in ("val", "test"):
             if len(splits[name]):
                 entry[name] = evaluate(model, splits[name], config, d)
         state["metrics"].append(entry)
-        state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_n=0)
+        state.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_n=0, share_sum={}, share_n=0)
         save_state(run_dir, model, optimizer, state, d)
         if d.main:
             runs.write_metrics(run_dir, state["metrics"])
@@ -322,6 +383,10 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
 
 def format_entry(entry: dict) -> str:
     parts = [f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}"]
+    if "grad_share" in entry:
+        parts.append("grad share " + " ".join(f"{k} {v:.2f}" for k, v in entry["grad_share"].items()))
+    if "train" in entry:
+        parts.append(f"train acc {entry['train']['accuracy']:.4f}")
     for name in ("val", "test"):
         if name in entry:
             m = entry[name]

@@ -56,11 +56,12 @@ def test_resnet_taps_and_closed_form_gradients_match_autograd(resnet):
     torch.testing.assert_close(closed, auto, rtol=1e-5, atol=1e-7)
 
 
-def test_resnet_default_map_is_4x4_at_64px():
+def test_resnet_default_map_is_4x4_at_32px():
     from megl.config import PRESETS
     from megl.models import build_classifier
 
-    for overrides, size, grid in [({}, 64, (4, 4)), (dict(resnet_layer4_stride=2), 64, (2, 2)),
+    for overrides, size, grid in [({}, 32, (4, 4)), (dict(resnet_stem_maxpool=True), 64, (4, 4)),
+                                  (dict(resnet_stem_maxpool=True, resnet_layer4_stride=2), 64, (2, 2)),
                                   (dict(resnet_stem_maxpool=False, resnet_layer4_stride=2), 64, (4, 4)),
                                   ({k: PRESETS["paper-resnet18"][k] for k in ("resnet_stem_maxpool", "resnet_layer4_stride")},
                                    224, (7, 7))]:

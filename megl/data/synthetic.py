@@ -61,6 +61,7 @@ TEMPLATES = (
 )
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+CUES = ("shape_colour", "colour")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class SyntheticConfig:
                                     # decoy the easier cue for longer, see the module docstring)
     max_object_size: float = 0.16
     max_rationales: int = 3         # rationales per image: uniform in 1..max_rationales
+    class_cue: str = "shape_colour"  # "shape_colour": class = (shape, colour); "colour": class = the object's
+                                     # colour, its shape random (a cue a small CNN learns in a few epochs)
+    object_contrast: float = 1.0    # object colour blended toward the background: 1 = saturated, 0.5 = faint
 
     def __post_init__(self):
         problems = []
@@ -89,6 +93,12 @@ class SyntheticConfig:
                             f"{self.n_val}, {self.n_test})")
         if self.image_size < 32:
             problems.append(f"image_size must be >= 32 to draw recognisable shapes (got {self.image_size})")
+        if self.class_cue not in CUES:
+            problems.append(f"class_cue must be one of {CUES}, got {self.class_cue!r}")
+        elif self.class_cue == "colour" and not 2 <= self.num_classes <= len(COLOURS):
+            problems.append(f"num_classes must be in [2, {len(COLOURS)}] with class_cue 'colour', got {self.num_classes}")
+        if not 0.0 < self.object_contrast <= 1.0:
+            problems.append(f"object_contrast must be in (0, 1], got {self.object_contrast}")
         if not 2 <= self.num_classes <= len(CLASSES):
             problems.append(f"num_classes must be in [2, {len(CLASSES)}] ({len(SHAPES)} shapes × {len(COLOURS)} "
                             f"colours), got {self.num_classes}")
@@ -107,7 +117,9 @@ class SyntheticConfig:
             raise ValueError("SyntheticConfig: " + "; ".join(problems))
 
 
-def class_names(num_classes: int) -> list[str]:
+def class_names(num_classes: int, class_cue: str = "shape_colour") -> list[str]:
+    if class_cue == "colour":
+        return list(COLOURS)[:num_classes]
     return [f"{c} {s}" for s, c in CLASSES[:num_classes]]
 
 
@@ -174,7 +186,10 @@ def _render(cfg: SyntheticConfig, rng: random.Random, label: int, decoy_class: i
     from PIL import Image, ImageDraw
 
     S = cfg.image_size
-    shape, colour = CLASSES[label]
+    if cfg.class_cue == "colour":
+        shape, colour = SHAPES[rng.randrange(4)], list(COLOURS)[label]
+    else:
+        shape, colour = CLASSES[label]
     # background: tinted grey with a linear ramp
     level = rng.uniform(95, 150)
     tint = np.array([rng.uniform(-10, 10) for _ in range(3)], dtype=np.float32)
@@ -212,7 +227,8 @@ def _render(cfg: SyntheticConfig, rng: random.Random, label: int, decoy_class: i
     else:  # pragma: no cover - impossible for image_size >= 32
         raise RuntimeError("could not place the object away from the decoy")
     theta = math.radians(rng.uniform(-15, 15))
-    fill = tuple(min(max(v + rng.randint(-12, 12), 0), 255) for v in COLOURS[colour])
+    fill = tuple(min(max(round(level + cfg.object_contrast * (v - level)) + rng.randint(-12, 12), 0), 255)
+                 for v in COLOURS[colour])
     sil = Image.new("L", (S, S), 0)
     sdraw = ImageDraw.Draw(sil)
     poly = _shape_polygon(shape, cx, cy, r, theta)
@@ -274,7 +290,7 @@ def generate_split(cfg: SyntheticConfig, split: str, *, expand_rationales: bool 
         noisy = images.astype(np.float32)
         noisy += cfg.noise_std * nrng.standard_normal(noisy.shape, dtype=np.float32)
         images = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-    return ExplanationDataset(records, class_names(C), S, images=torch.from_numpy(images).permute(0, 3, 1, 2)
+    return ExplanationDataset(records, class_names(C, cfg.class_cue), S, images=torch.from_numpy(images).permute(0, 3, 1, 2)
                               .contiguous(), masks=masks, expand_rationales=expand_rationales, split=split)
 
 

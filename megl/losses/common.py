@@ -44,6 +44,11 @@ def hparam(config: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def saliency_target_of(config: Any) -> str:
+    """Which score an explanation loss explains: `config.saliency_target` ("logit" when unset)."""
+    return str(hparam(config, "saliency_target", "logit"))
+
+
 def backend_of(config: Any) -> str:
     """The fused op's backend: `config.saliency_backend` (megl.config.Config), else 'auto'."""
     return str(hparam(config, "saliency_backend", None) or hparam(config, "backend", "auto"))
@@ -97,8 +102,27 @@ class GradCamPass(NamedTuple):
     cam_size: tuple[int, int]  # (h, w) of the Grad-CAM layer
 
 
+SALIENCY_TARGETS = ("logit", "log_prob")
+
+
+def training_gradients(classifier: torch.nn.Module, out: Any, target: Tensor, saliency_target: str = "logit",
+                       create_graph: bool = True) -> Tensor:
+    """Grad-CAM gradients for an explanation loss: of the target's logit (classic Grad-CAM) or of its
+    log-probability. The logit's map shows only evidence *for* the class (after the ReLU); a network can keep
+    reading a decoy through evidence *against* the other classes, which that map never shows. The log-probability
+    map, ∂ log p_y/∂A = ∂z_y/∂A − Σ_c p_c ∂z_c/∂A, shows both (docs/recipe.md, "negative evidence")."""
+    if saliency_target == "logit":
+        return classifier.gradcam_gradients(out, target, create_graph=create_graph)
+    if saliency_target != "log_prob":
+        raise ValueError(f"saliency_target {saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}")
+    from megl.ops import autograd_gradcam_gradients
+
+    return autograd_gradcam_gradients(F.log_softmax(upcast(out.logits), dim=1), out.activations, target,
+                                      create_graph=create_graph)
+
+
 def gradcam_pass(classifier: torch.nn.Module, batch: Mapping[str, Any], *, backend: str = "auto",
-                 target: Optional[Tensor] = None) -> GradCamPass:
+                 target: Optional[Tensor] = None, saliency_target: str = "logit") -> GradCamPass:
     """One classifier forward plus the differentiable Grad-CAM of `target` (default: the label) via the fused op.
 
     The fused op also returns the per-sample L1 to the mask (0 for unannotated samples), which GRADIA uses as is.
@@ -106,14 +130,18 @@ def gradcam_pass(classifier: torch.nn.Module, batch: Mapping[str, Any], *, backe
     image = batch["image"]
     out = classifier(image)
     target = batch["label"] if target is None else target
-    grads = classifier.gradcam_gradients(out, target)
+    grads = training_gradients(classifier, out, target, saliency_target).to(out.activations.dtype)
     sal = fused_saliency(out.activations, grads, image, batch["mask"].to(image.dtype), batch["has_mask"].bool(),
                          None, backend=backend)
     return GradCamPass(out.logits, sal, tuple(out.activations.shape[-2:]))
 
 
+PARTS = "parts"  # key of the weighted, undetached summands of "total" (megl.train measures their gradients)
+
+
 def result(ce: Tensor, visual: Tensor, weight: float, **parts: Tensor) -> dict[str, Tensor]:
     """The registry's loss dict: total = ce + weight * visual, plus the parts for logging."""
-    out = {"total": ce + weight * visual, "ce": ce.detach(), "visual": visual.detach()}
+    out = {"total": ce + weight * visual, "ce": ce.detach(), "visual": visual.detach(),
+           PARTS: {"ce": ce, "visual": weight * visual}}
     out.update({k: v.detach() for k, v in parts.items()})
     return out

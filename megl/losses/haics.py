@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import backend_of, check_batch, classifier_of, cross_entropy, gradcam_pass, hparam, result
+from .common import (backend_of, check_batch, classifier_of, cross_entropy, gradcam_pass, hparam, result,
+                     saliency_target_of)
 
 DEFAULTS = {"haics_lambda": 1.0, "haics_eps": 1e-4}
 
@@ -45,7 +46,8 @@ def haics_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = No
                config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "haics")
     clf = classifier_of(model, "haics")
-    p = gradcam_pass(clf, batch, backend=backend_of(config))
+    p = gradcam_pass(clf, batch, backend=backend_of(config),
+                     saliency_target=saliency_target_of(config))
     ce = cross_entropy(p.logits, batch["label"])
     eps = float(hparam(config, "haics_eps", DEFAULTS["haics_eps"]))
     visual = haics_visual_loss(p.saliency.saliency, batch["mask"], batch["has_mask"], eps=eps)

@@ -48,7 +48,11 @@ class MEGLModel(nn.Module):
                 has_mask: Optional[Tensor] = None, prior: Optional[Tensor] = None,
                 create_graph: bool = True) -> SaliencyOutput:
         """Fused saliency (Â, I ⊙ Â, per-sample L1 to the mask, KL to the prior) for `target` of one forward."""
-        grads = self.classifier.gradcam_gradients(out, target, create_graph=create_graph)
+        from megl.losses.common import training_gradients
+
+        # a training loss (create_graph) explains config.saliency_target; inspection: classic Grad-CAM of the logit
+        target_score = getattr(self.config, "saliency_target", "logit") if create_graph else "logit"
+        grads = training_gradients(self.classifier, out, target, target_score, create_graph)
         return fused_saliency(out.activations, grads, image01, mask, has_mask, prior,
                               backend=self.config.saliency_backend)
 
