@@ -184,6 +184,11 @@ def test_decoy_experiment_smoke_writes_its_table(tmp_path, monkeypatch):
     # RRR reads the corners annotation, the others the digit annotation (same images)
     cfg = {m: json.loads((Path(res[m][0]["run_dir"]) / "config.json").read_text()) for m in ("baseline", "rrr")}
     assert "corners-" in cfg["rrr"]["data_root"] and "digit-" in cfg["baseline"]["data_root"]
+    # --no-train tabulates the finished seed and says which are missing, training nothing
+    assert experiments.main(argv[:argv.index("--epochs")] + ["--seeds", "0,1", "--no-train"]
+                            + argv[argv.index("--epochs"):]) == 0
+    md = (out / "table-cnn-hard-f1.md").read_text()
+    assert "baseline: 1 of 2 seeds finished" in md and not list((out / "runs").glob("*seed1*"))
     # the mlp skips Grad-CAM methods with a note
     assert experiments.main(argv[:2] + ["mlp", "--methods", "baseline,megl"] + argv[5:]) == 0
     assert "megl on the mlp: n/a" in (out / "table-mlp-paper-f1.md").read_text()
