@@ -42,6 +42,8 @@ class Config:
     vit_heads: int = 12
     vit_hidden: int = 768
     vit_mlp: int = 3072
+    # any other torchvision model name (or timm:NAME): Grad-CAM layer, default the family's (megl.models.torchvision_backbones)
+    target_layer: Optional[str] = None
 
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
@@ -101,7 +103,10 @@ class Config:
 
     def validate(self) -> "Config":
         if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone {self.backbone!r} is not supported; choose one of {', '.join(BACKBONES)}")
+            from megl.models.torchvision_backbones import backbone_error, is_supported_backbone
+
+            if not is_supported_backbone(self.backbone):
+                raise ValueError(backbone_error(self.backbone))
         from megl.losses import METHODS
 
         if self.method not in METHODS:

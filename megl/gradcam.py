@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -327,7 +328,8 @@ class GradCAM:
                 probe.attach()
             with torch.set_grad_enabled(grad), (_math_attention() if math_sdpa else nullcontext()):
                 x = self.normalize(images) if self.normalize is not None else images
-                logits = self.model(x)
+                # a torch.compile'd model runs eagerly once: the first call reads the autograd graph
+                logits = (_unwrap(self.model) if first else self.model)(x)
         finally:
             self.release()
             if probe is not None:
@@ -339,11 +341,17 @@ class GradCAM:
         raw = store["raw"]
         if first:
             self._first_call(logits, raw, store["copy_fn"], probe)
+            if self.mode == "closed-form":
+                for i, m in enumerate(self._head.dropouts):
+                    if m.training and m.p > 0 and m in probe.dropout_in:
+                        drop[("in", i)], drop[("out", i)] = probe.dropout_in[m], probe.dropout_out[m]
         self._dropout_scale = None
         for i in range(len(self._head.dropouts) if self.mode == "closed-form" else 0):
             if ("in", i) in drop:
                 x_in, x_out = drop[("in", i)], drop[("out", i)]
-                s = torch.where(x_in != 0, x_out / torch.where(x_in != 0, x_in, 1), 0).float()
+                # where the input is 0 the mask cannot be read back; so is that channel (all zero), and its
+                # Grad-CAM weight multiplies nothing: 1 there
+                s = torch.where(x_in != 0, x_out / torch.where(x_in != 0, x_in, 1), 1).float()
                 s = s.reshape(s.shape[0], -1)
                 self._dropout_scale = s if self._dropout_scale is None else self._dropout_scale * s
         return logits, raw
@@ -398,6 +406,12 @@ class GradCAM:
             else:
                 self.mode, self.reason = "autograd", why
         self._checked = self.mode == "closed-form"  # the autograd path finishes its checks on its first gradient
+        if self.mode == "autograd" and _unwrap(self.model) is not self.model:
+            warnings.warn(
+                f"megl.GradCAM at {self.layer_path!r}: autograd path on a torch.compile'd model; training on the map "
+                "needs a double backward, which compiled (AOTAutograd) graphs do not support. Use a target layer "
+                "where the closed form applies, compile only the network below the target layer, or train the "
+                "uncompiled model (inference under torch.no_grad() works).", stacklevel=4)
         log.info("megl.GradCAM at %r: %s path (%s)", self.layer_path, self.mode, self.reason)
 
     def _check_reach(self, g: Tensor, G: Tensor) -> None:
@@ -454,22 +468,29 @@ class _HeadProbe:
         self.made_by: dict[int, tuple[nn.Module, Tensor, Tensor]] = {}  # id(output) -> (module, input, output)
         self.inplace: dict[int, list[nn.Module]] = {}  # id(tensor) -> modules that returned their input
         self.before: dict[int, Tensor] = {}  # id(tensor) -> its value before an in-place dropout
+        self.dropout_in: dict[nn.Module, Tensor] = {}  # nn.Dropout -> a copy of its input
+        self.dropout_out: dict[nn.Module, Tensor] = {}
         self.handles: list = []
 
     def attach(self) -> None:
         for m in self.root.modules():
             if isinstance(m, (nn.Linear,) + _TRANSPARENT_MODULES):
                 self.handles.append(m.register_forward_hook(self._record))
-            if isinstance(m, nn.Dropout) and m.inplace:
+            if isinstance(m, nn.Dropout):
                 self.handles.append(m.register_forward_pre_hook(self._record_before))
 
     def _record_before(self, module, inputs):
         if inputs and isinstance(inputs[0], Tensor):
-            self.before.setdefault(id(inputs[0]), inputs[0].detach().clone())
+            x = inputs[0].detach().clone()
+            if module.inplace:
+                self.before.setdefault(id(inputs[0]), x)
+            self.dropout_in[module] = x  # this call's mask = output / input (closed form in train mode)
 
     def _record(self, module, inputs, output):
         if not (isinstance(output, Tensor) and inputs and isinstance(inputs[0], Tensor)):
             return
+        if isinstance(module, nn.Dropout):
+            self.dropout_out[module] = output.detach()
         if inputs[0] is output:  # in place (or nn.Identity): the producer of the tensor stays recorded
             self.inplace.setdefault(id(output), []).append(module)
         else:  # the tensors stay referenced here, so an id cannot be reused within the forward

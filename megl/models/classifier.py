@@ -186,7 +186,11 @@ def build_classifier(config, num_classes: int) -> Classifier:
     if config.backbone == "vit_b_16":
         return ViTClassifier(num_classes, config.image_size, config.vit_patch_size, config.vit_layers,
                              config.vit_heads, config.vit_hidden, config.vit_mlp, config.classifier_weights)
-    raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18 or vit_b_16")
+    # any other torchvision classification model (or timm:NAME), Grad-CAM at its family's layer or target_layer
+    from .torchvision_backbones import TorchvisionClassifier
+
+    return TorchvisionClassifier(config.backbone, num_classes, config.image_size,
+                                 getattr(config, "target_layer", None), config.classifier_weights)
 
 
 __all__ = ["Classifier", "ClassifierOutput", "ResNet18Classifier", "ViTClassifier", "build_classifier"]
