@@ -249,7 +249,8 @@ class GradCAM:
 
     def __repr__(self) -> str:
         mode = self.mode or "undetermined until the first call"
-        return f"GradCAM(target_layer={self.layer_path!r}, reshape={getattr(self.reshape, '__name__', self.reshape)}, mode={mode})"
+        reshape = getattr(self.reshape, "__name__", self.reshape)
+        return f"GradCAM(target_layer={self.layer_path!r}, reshape={reshape}, mode={mode})"
 
     # ------------------------------------------------------------------ context manager / hygiene
     def __enter__(self) -> "GradCAM":
@@ -273,20 +274,20 @@ class GradCAM:
         mask (B, H, W), has_mask (B,), prior (H, W): optional, to get the fused op's per-sample L1 to the mask
         and KL to the prior in `out.l1` / `out.kl` (the losses in megl.losses compute them when not given)."""
         self._check_images(images)
-        training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        keep_graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # else: no graph out
         ctx = torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
         with ctx:
             if torch.is_inference_mode_enabled() is False and images.is_inference():
                 images = images.clone()  # an inference tensor cannot enter autograd
-            logits, raw = self.forward(images, create_graph=training)
+            logits, raw = self.forward(images, create_graph=keep_graph)
             targets = self._targets(targets, logits)
             A = self.activations(raw)
-            with torch.set_grad_enabled(training or self.mode == "autograd"):
-                G = self.gradients(logits, raw, targets, create_graph=training, spatial=tuple(A.shape[-2:]))
-            if not training:
+            with torch.set_grad_enabled(keep_graph or self.mode == "autograd"):
+                G = self.gradients(logits, raw, targets, create_graph=keep_graph, spatial=tuple(A.shape[-2:]))
+            if not keep_graph:
                 logits, A, G = logits.detach(), A.detach(), G.detach()
-            image = images.detach() if not training else images
-            with torch.set_grad_enabled(training):
+            image = images.detach() if not keep_graph else images
+            with torch.set_grad_enabled(keep_graph):
                 sal = _fused(A, G, image.float(), mask, has_mask, prior, self.backend)
         return GradCAMOutput(logits, sal.saliency, sal.masked, targets, A, G, image.float(), self.mode,
                              sal.l1 if mask is not None else None, sal.kl if prior is not None else None,
