@@ -274,6 +274,10 @@ class GradCAM:
         mask (B, H, W), has_mask (B,), prior (H, W): optional, to get the fused op's per-sample L1 to the mask
         and KL to the prior in `out.l1` / `out.kl` (the losses in megl.losses compute them when not given)."""
         self._check_images(images)
+        param = next(_unwrap(self.model).parameters(), None)
+        if param is not None and param.device != images.device:
+            raise ValueError(f"GradCAM: images are on {images.device} but the model is on {param.device}; "
+                             f"move them with images.to({str(param.device)!r})")
         keep_graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # else: no graph out
         ctx = torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
         with ctx:

@@ -261,6 +261,8 @@ def test_bad_inputs():
         cam(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         cam(torch.rand(2, 3, 16, 16), targets=[0, 7])
+    with pytest.raises(ValueError, match="images are on meta"):
+        cam(torch.rand(2, 3, 16, 16, device="meta"))
     with pytest.raises(ValueError, match="2 class indices"):
         cam(torch.rand(2, 3, 16, 16), targets=[0, 1, 2])
 
