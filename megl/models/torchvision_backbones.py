@@ -141,8 +141,8 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
     sd = load_state_dict_file(path)
     sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = net.load_state_dict(sd, strict=False)
-    head_params = {n for n, m in net.named_modules() if isinstance(m, nn.Linear)}
-    last = max((n for n in head_params), key=lambda n: list(own).index(n + ".weight"), default="")
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    last = max(linears, key=lambda n: list(own).index(n + ".weight"), default="")  # the classifier head
     stray = [k for k in missing if not k.startswith(last + ".")]
     if stray:
         raise ValueError(f"{path}: not a state dict of this architecture ({len(stray)} weights missing, e.g. "
@@ -165,8 +165,7 @@ class TorchvisionClassifier(Classifier):
             target_layer, reshape = default_target_layer(name)
         else:
             try:  # a custom layer in a token family still needs the family's reshape
-                default, fam_reshape = default_target_layer(name)
-                reshape = fam_reshape
+                reshape = default_target_layer(name)[1]
             except ValueError:
                 pass
         self.cam = GradCAM(self.net, target_layer, reshape, normalize=normalize_imagenet)
