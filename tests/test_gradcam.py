@@ -361,3 +361,17 @@ def test_example_script_runs():
     result = module.main(["--steps", "2", "--batch-size", "4", "--n-train", "16", "--n-val", "8", "--image-size", "32",
                           "--model", "resnet18"])
     assert result["steps"] == 2 and result["mode"] == "closed-form" and 0 <= result["val_accuracy"] <= 1
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    from megl.models.torchvision_backbones import TorchvisionClassifier
+
+    torch.manual_seed(1)
+    donor = torchvision.models.mobilenet_v3_small(num_classes=10)  # another head size: the head stays random
+    torch.save(donor.state_dict(), tmp_path / "w.pth")
+    clf = TorchvisionClassifier("mobilenet_v3_small", 3, 32, weights=str(tmp_path / "w.pth"))
+    torch.testing.assert_close(clf.net.features[0][0].weight, donor.features[0][0].weight)
+    assert clf.net.classifier[3].weight.shape == (3, 1024)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a state dict of this architecture"):
+        TorchvisionClassifier("mobilenet_v3_small", 3, 32, weights=str(tmp_path / "other.pth"))
