@@ -4,8 +4,10 @@ The data are megl's synthetic images (a shape to classify, a decoy colour patch 
 class on most training images; 10% of the training images carry a mask of the shape). Cross-entropy alone can
 learn the decoy; the GRADIA term pulls the Grad-CAM map onto the mask.
 
-    python examples/finetune_torchvision.py                           # mobilenet_v3_small, 200 steps, ~2 min CPU
-    python examples/finetune_torchvision.py --model resnet18 --steps 300
+    python examples/finetune_torchvision.py                           # resnet18, 200 steps, a few minutes on a CPU
+    python examples/finetune_torchvision.py --model mobilenet_v3_small --steps 600
+    (torchvision's MobileNetV3 keeps BatchNorm statistics with momentum 0.01: after a few hundred steps from
+    random weights its eval-mode predictions are still poor; use local weights or more steps)
     python examples/finetune_torchvision.py --model efficientnet_b0 --weights effnet_b0.pth   # local weights
     python examples/finetune_torchvision.py --steps 3                 # smoke test (CI)
 """
@@ -27,7 +29,7 @@ from megl.models.torchvision_backbones import default_target_layer, load_backbon
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mobilenet_v3_small", help="a torchvision classification model name")
+    ap.add_argument("--model", default="resnet18", help="a torchvision classification model name")
     ap.add_argument("--target-layer", help="dotted module path (default: the family's, see megl.models)")
     ap.add_argument("--weights", help="local state dict (.pth / .safetensors) of the same architecture")
     ap.add_argument("--steps", type=int, default=200)
