@@ -314,7 +314,7 @@ def gradcam_table(rows: list[Row]) -> str:
         p = {r.get("method"): r for r in maps if r.get("model") == m}
         plain, guided = t.get("model fwd+bwd"), t.get("megl.GradCAM fwd+bwd")
         mine, peer = p.get("megl.GradCAM (no_grad)"), p.get("pytorch-grad-cam")
-        mode = next((r.get("gradcam_mode") for r in list(t.values()) + list(p.values())), "")
+        mode = next((r.get("gradcam_mode") for r in list(t.values()) + list(p.values()) if r.get("gradcam_mode")), "")
         sec = lambda r: r["seconds"] if r else None  # noqa: E731
         body.append([m, mode, fmt_ms(sec(plain)), fmt_ms(sec(guided)),
                      fmt_ratio(ratio(sec(guided), sec(plain))), fmt_ms(sec(mine)), fmt_ms(sec(peer)),
