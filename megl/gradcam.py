@@ -571,7 +571,8 @@ def _only_pooling_between(x: Tensor, target, dropout_nodes: int = 0) -> tuple[bo
         if node is target:
             return True, ""
         name = type(node).__name__
-        if name.startswith("NativeDropoutBackward") and dropout_nodes > 0:
+        # an in-place dropout in train mode: NativeDropoutBackward, MulBackward by its mask, or CopySlices on a view
+        if name.startswith(("NativeDropoutBackward", "MulBackward", "CopySlices")) and dropout_nodes > 0:
             dropout_nodes -= 1
         elif not name.startswith(_TRANSPARENT_NODES):
             return False, name

@@ -137,8 +137,10 @@ def test_closed_form_detected_and_equal_to_autograd():
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
 
 
-def test_closed_form_with_dropout_in_train_mode_uses_this_calls_mask():
+@pytest.mark.parametrize("inplace", [False, True])  # EfficientNet's head: Dropout(inplace=True)
+def test_closed_form_with_dropout_in_train_mode_uses_this_calls_mask(inplace):
     net = GapNet(p=0.5).train()
+    net.drop.inplace = inplace
     x = torch.rand(3, 3, 16, 16)
     closed, auto = GradCAM(net, "act"), GradCAM(net, "act", closed_form=False)
     torch.manual_seed(3)
