@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Iterable, Optional
 
 STATS = ("median", "mean", "min")
-SUITES = ("table5", "explained", "kernel", "peers", "train_step")
+SUITES = ("table5", "explained", "kernel", "peers", "train_step", "gradcam_train", "gradcam_map")
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -300,6 +300,32 @@ def train_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------------------------- megl.GradCAM
+def gradcam_table(rows: list[Row]) -> str:
+    """megl.GradCAM on torchvision models: guided train step / plain one, and the map against pytorch-grad-cam."""
+    train = [r for r in rows if r.get("suite") == "gradcam_train"]
+    maps = [r for r in rows if r.get("suite") == "gradcam_map"]
+    if not train and not maps:
+        return ""
+    models = sorted({r.get("model") for r in train + maps}, key=str)
+    body = []
+    for m in models:
+        t = {r.get("variant"): r for r in train if r.get("model") == m}
+        p = {r.get("method"): r for r in maps if r.get("model") == m}
+        plain, guided = t.get("model fwd+bwd"), t.get("megl.GradCAM fwd+bwd")
+        mine, peer = p.get("megl.GradCAM (no_grad)"), p.get("pytorch-grad-cam")
+        mode = next((r.get("gradcam_mode") for r in list(t.values()) + list(p.values()) if r.get("gradcam_mode")), "")
+        sec = lambda r: r["seconds"] if r else None  # noqa: E731
+        body.append([m, mode, fmt_ms(sec(plain)), fmt_ms(sec(guided)),
+                     fmt_ratio(ratio(sec(guided), sec(plain))), fmt_ms(sec(mine)), fmt_ms(sec(peer)),
+                     fmt_ratio(ratio(sec(peer), sec(mine)))])
+    r0 = (train + maps)[0]
+    what = f"batch {r0.get('batch')}, {r0.get('image_size')} px"
+    return (f"### megl.GradCAM on torchvision models — {_setting(r0, what)}\n\n"
+            + table(["Model", "Path", "fwd+bwd (ms)", "GradCAM fwd+bwd (ms)", "× fwd+bwd", "megl map (ms)",
+                     "pytorch-grad-cam (ms)", "megl speedup"], body) + "\n")
+
+
 def other_table(rows: list[Row]) -> str:
     rs = [r for r in rows if r.get("suite") not in SUITES]
     if not rs:
@@ -326,7 +352,8 @@ def render(data: dict, stat: str = "median", source: str = "") -> str:
                     + (f" on {nproc} cores" if nproc else "") + ".")
     if any(r.get("quick") for r in rows):
         head.append("\n**Quick mode (MEGL_BENCH_QUICK): small shapes for a smoke run; these are not the benchmark.**")
-    sections = [table5(rows), explained_table(rows), kernel_table(rows), peers_table(rows), train_table(rows), other_table(rows)]
+    sections = [table5(rows), explained_table(rows), kernel_table(rows), peers_table(rows), train_table(rows),
+                gradcam_table(rows), other_table(rows)]
     sections = [s for s in sections if s.strip()]
     if not sections:
         sections = ["No benchmarks with statistics in this file (was it written with --benchmark-disable?)."]

@@ -75,6 +75,8 @@ class Config:
     vit_mlp: int = 3072
     small_net_channels: int = 1  # mlp / cnn: 1 reads images as grey (channel mean), 3 as RGB
     cnn_gradcam_layer: str = "conv2"  # cnn: Grad-CAM at the second conv (8x8 at 28 px) or the first (24x24)
+    # any other torchvision model name (or timm:NAME): Grad-CAM layer, default the family's (megl.models.torchvision_backbones)
+    target_layer: Optional[str] = None
 
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
@@ -157,7 +159,10 @@ class Config:
             except ValueError as e:
                 raise ConfigError(f"synthetic: {e} (--set synthetic.KEY=VALUE)") from None
         if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone {self.backbone!r} is not supported; choose one of {', '.join(BACKBONES)}")
+            from megl.models.torchvision_backbones import backbone_error, is_supported_backbone
+
+            if not is_supported_backbone(self.backbone):
+                raise ConfigError(backbone_error(self.backbone))
         from megl.losses import METHODS
 
         if self.method not in METHODS:

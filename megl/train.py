@@ -406,7 +406,9 @@ def parse_args(argv=None):
     ap.add_argument("--data-root", help="Object-ME / Action-ME directory (default: synthetic data)")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    ap.add_argument("--backbone", choices=("resnet18", "vit_b_16"))
+    ap.add_argument("--backbone", help="resnet18 or vit_b_16 (megl's), any torchvision classification model "
+                    "(mobilenet_v3_small, efficientnet_b0, swin_t, ...) or timm:NAME; --set target_layer=PATH "
+                    "overrides the family's Grad-CAM layer")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--method", help="megl, baseline, gradia, haics, res-g, res-l, rrr, cdep")
     ap.add_argument("--ablation", choices=tuple(ABLATIONS), help="MEGL modules on (paper Table 4)")

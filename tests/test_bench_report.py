@@ -157,3 +157,17 @@ def test_table5_llava_in_another_dtype_still_the_reference():
     assert "### Table 5 — Test CPU, float32 + bfloat16" in text
     assert _row(text, "MEGL-ResNet18 [float32]") == ["MEGL-ResNet18 [float32]", "11.2M", "10.00", "100.0", "50.00×"]
     assert _row(text, "LLaVA-1.5-7B (prefill) [bfloat16]")[-1] == "1.00× (reference)"
+
+
+def test_gradcam_table_ratios():
+    info = dict(CPU, batch=16, image_size=224, model="resnet50", gradcam_mode="closed-form")
+    data = {"benchmarks": [
+        _bench("t1", 1.00, **info, suite="gradcam_train", variant="model fwd+bwd"),
+        _bench("t2", 1.10, **info, suite="gradcam_train", variant="megl.GradCAM fwd+bwd"),
+        _bench("m1", 0.40, **info, suite="gradcam_map", method="megl.GradCAM (no_grad)"),
+        _bench("m2", 1.60, **info, suite="gradcam_map", method="pytorch-grad-cam"),
+    ]}
+    md = bench_report.render(data)
+    row = next(line for line in md.splitlines() if line.startswith("| resnet50"))
+    assert "closed-form" in row and "1.10×" in row and "4.00×" in row
+    assert "Other benchmarks" not in md

@@ -3,6 +3,11 @@
 Each returns a dict of scalar loss terms with the key "total" (what is back-propagated) and its parts
 ("ce", "visual", "text", ...) for logging. Modules are imported lazily: a method's dependencies load only
 when it is used.
+
+The same explanation terms as plain functions of a `megl.GradCAM` output, for a loop of your own:
+`gradia`, `haics`, `res_g`, `res_l`, `rrr` and MEGL's `visual` (megl/losses/functional.py). Importing them here
+loads the gradia / haics / res / rrr modules first, so the names below are the functions, not those modules
+(`from megl.losses.gradia import ...` still reaches the modules).
 """
 from __future__ import annotations
 
@@ -26,3 +31,8 @@ def get_method(name: str) -> Callable:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     module, fn = METHODS[name].split(":")
     return getattr(importlib.import_module(module), fn)
+
+
+from .functional import ResImputation, gradia, haics, res_g, res_l, rrr, visual  # noqa: E402
+
+__all__ = ["METHODS", "ResImputation", "get_method", "gradia", "haics", "res_g", "res_l", "rrr", "visual"]

@@ -209,7 +209,11 @@ def build_classifier(config, num_classes: int) -> Classifier:
             return MLPClassifier(num_classes, config.image_size, in_channels=config.small_net_channels)
         return SmallCNNClassifier(num_classes, config.image_size, in_channels=config.small_net_channels,
                                   gradcam_layer=config.cnn_gradcam_layer)
-    raise ValueError(f"unknown backbone {config.backbone!r}; choose resnet18, vit_b_16, mlp or cnn")
+    # any other torchvision classification model (or timm:NAME), Grad-CAM at its family's layer or target_layer
+    from .torchvision_backbones import TorchvisionClassifier
+
+    return TorchvisionClassifier(config.backbone, num_classes, config.image_size,
+                                 getattr(config, "target_layer", None), config.classifier_weights)
 
 
 __all__ = ["Classifier", "ClassifierOutput", "ResNet18Classifier", "ViTClassifier", "build_classifier"]
