@@ -1,6 +1,6 @@
 """Shared helpers of the megl benchmark suites: devices, quick mode, timing, peak bandwidths, byte models.
 
-Conventions (DESIGN.md §5):
+Conventions (those of the usual GPU benchmark suites):
 - the device is synchronised *inside* the timed function, so a round is a finished computation;
 - warm-up rounds run first (torch.compile / Triton / cuDNN autotuning happen there, never in the timings);
 - every benchmark records device, dtype, batch, shapes, backend or model and parameter counts in

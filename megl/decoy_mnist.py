@@ -74,8 +74,12 @@ KEYS = ("test", "train", "val", "val_clean", "test_clean", "miou", "corner_share
 
 
 # ----------------------------------------------------------------------------- data
+DEFAULT_MNIST_DIRS = (Path("data/MNIST/raw"), Path("data/mnist"), Path.home() / ".cache" / "megl" / "mnist")
+
+
 def mnist_dir(arg: Optional[str]) -> Path:
-    """--mnist, else $MEGL_MNIST, else ../shared/data/mnist (from the working directory) when it exists."""
+    """--mnist, else $MEGL_MNIST, else the first of DEFAULT_MNIST_DIRS (where torchvision's MNIST download and
+    megl's cache would put it) that exists."""
     from megl.data.mnist import ENV
 
     given = arg or os.environ.get(ENV)
@@ -84,8 +88,9 @@ def mnist_dir(arg: Optional[str]) -> Path:
             raise SystemExit(f"megl.experiments: MNIST folder {given} does not exist; pass --mnist DIR (or set "
                              f"{ENV}) to a folder holding MNIST's four IDX files")
         return Path(given)
-    if Path("../shared/data/mnist").is_dir():
-        return Path("../shared/data/mnist")
+    for candidate in DEFAULT_MNIST_DIRS:
+        if candidate.is_dir():
+            return candidate
     raise SystemExit(f"megl.experiments: no MNIST copy found: pass --mnist DIR (or set {ENV}=DIR) to a folder with "
                      "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
                      "t10k-labels-idx1-ubyte.gz (torchvision's MNIST/raw/ works too)")
@@ -257,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list from {', '.join(METHODS)}, or megl/<{'|'.join(ABLATIONS)}> (default: all that "
                    "the backbone allows)")
     p.add_argument("--mask-fraction", type=float, default=1.0, help="share of training images with a mask")
-    p.add_argument("--mnist", help="MNIST IDX folder (default: $MEGL_MNIST, else ../shared/data/mnist)")
+    p.add_argument("--mnist", help="MNIST IDX folder (default: $MEGL_MNIST, else data/MNIST/raw, data/mnist or "
+                   "~/.cache/megl/mnist)")
     for k in ("n_train", "n_val", "n_test"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help=f"default {SIZES['mlp'][k]} (mlp), "
                        f"{SIZES['cnn'][k]} (cnn, resnet18)")

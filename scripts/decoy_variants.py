@@ -3,10 +3,11 @@ digits, or on the same digits without the swatch (`"clean": true`, the ceiling a
 val / test accuracy with and without the swatch. Used to pick the `hard` variant (docs/decoy_mnist.md).
 
     OMP_NUM_THREADS=1 python scripts/decoy_variants.py '[{"swatch": 8, "digit_contrast": 0.6, "noise": 0.2}]' \\
-        --mnist ../shared/data/mnist
+        --mnist data/MNIST/raw
 """
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -42,7 +43,7 @@ def run(opts, mnist, epochs=3, n=10000, clean=False, seed=0):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", help="JSON list of DecoyOptions fields, plus optional epochs / n / clean")
-    ap.add_argument("--mnist", default="../shared/data/mnist")
+    ap.add_argument("--mnist", default=os.environ.get("MEGL_MNIST", "data/MNIST/raw"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     for v in json.loads(args.variants):

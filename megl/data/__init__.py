@@ -1,5 +1,5 @@
 """Data with the paper's three kinds of supervision: class label, visual explanation (mask, some samples),
-textual rationales (all samples). See docs/architecture.md for the batch contract and DESIGN.md §4 for the
+textual rationales (all samples). See docs/architecture.md for the batch contract and docs/data-format.md for the
 on-disk format.
 
 - `synthetic.make_splits(SyntheticConfig())`: procedural default, no files needed; `synthetic.write_dataset`.

@@ -6,7 +6,7 @@
         --images coco/train2014 --images coco/val2014 --visual visual/test --out data/object-me
     python -m megl.data.convert actx --exp train=textual/exp_train_split.json --exp test=textual/exp_test_split.json \\
         --images mpii/images --visual visual/test --out data/action-me
-    python -m megl.data.convert decoy-mnist --mnist ../shared/data/mnist --out data/decoy-mnist --mask corners
+    python -m megl.data.convert decoy-mnist --mnist data/MNIST/raw --out data/decoy-mnist --mask corners
 
 Every filter that decides which samples and classes survive is an option with its default shown in --help; the
 converter prints how many entries each filter removed and Table-1-style statistics of the result.

@@ -1,4 +1,4 @@
-"""Loader for the on-disk Object-ME / Action-ME format (DESIGN.md §4):
+"""Loader for the on-disk Object-ME / Action-ME format (docs/data-format.md):
 
     <root>/exp_annotation.json   {id: {"class_id": int, "ans": str, "image_path": str, "visual_exp": str,
                                        "exp": [str, ...], "split": "train"|"val"|"test" (optional)}}

@@ -2,7 +2,7 @@
 
 Each returns `ClassifierOutput(logits, activations (B,K,h,w), features (B,h*w,D))`; `gradcam_gradients(out, target)`
 gives d logit_target / d activations:
-- ResNet18: activations = layer4 output (4×4 at 64 px by default: layer4 stride 1; 7×7 at 224 px as in the paper); gradients in closed form (GAP + linear head, DESIGN §2), which stay
+- ResNet18: activations = layer4 output (4×4 at 64 px by default: layer4 stride 1; 7×7 at 224 px as in the paper); gradients in closed form (GAP + linear head, docs/fused-op.md), which stay
   differentiable w.r.t. fc.weight without any second-order autograd; features Z_I = the layer4 grid as tokens.
 - ViT-B/16: activations = the patch tokens entering the last block's attention (the output of its ln_1, as
   pytorch-grad-cam taps `blocks[-1].norm1`; the last block's *output* patch tokens cannot be used: the head reads
