@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 BACKBONES = ("resnet18", "vit_b_16")
-TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
+TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
+TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
+EMBEDDED = (TINY, TINY_RANDOM)
 
 
 @dataclass
@@ -44,16 +46,17 @@ class Config:
     vit_mlp: int = 3072
 
     # --- CLIP vision encoder (frozen)
-    clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
+    clip_model: str = TINY  # "tiny" (pretrained stand-in), "tiny-random" or an open_clip model name ("ViT-L-14")
     clip_weights: Optional[str] = None  # local checkpoint for open_clip.create_model(pretrained=...)
     clip_image_size: int = 64  # tiny CLIP only (named models use their own size)
     clip_feature_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     tiny_clip_width: int = 64
     tiny_clip_layers: int = 2
     tiny_clip_patch: int = 8
+    tiny_clip_context: int = 32  # text tower positions; rationales and class prompts are far shorter
 
     # --- LLM (Vicuna v1.5 or a tiny Llama) + LoRA
-    llm: str = TINY  # "tiny" or a local directory for transformers' from_pretrained
+    llm: str = TINY  # "tiny" (pretrained stand-in), "tiny-random" or a local directory for from_pretrained
     tokenizer_vocab_size: int = 600  # tiny LLM: BPE vocabulary trained on the rationales and prompts
     tiny_llm_hidden: int = 64
     tiny_llm_layers: int = 2
@@ -123,10 +126,10 @@ class Config:
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{key} = {path!r} does not exist; fix the path (--set {key}=PATH) or drop it")
-        if self.llm != TINY and not os.path.isdir(self.llm):
+        if self.llm not in EMBEDDED and not os.path.isdir(self.llm):
             raise FileNotFoundError(
                 f"llm = {self.llm!r} is not a directory: give a local Vicuna v1.5 (or Llama) checkpoint "
-                f"directory with --set llm=PATH, or use llm=tiny"
+                f"directory with --set llm=PATH, or use llm=tiny (or tiny-random)"
             )
         return self
 
@@ -155,7 +158,7 @@ def check_preset_paths(config: Config, preset: str) -> None:
     missing = []
     for key, what in PRESET_PATHS.items():
         value = getattr(config, key)
-        if value in (None, TINY) or not os.path.exists(str(value)):
+        if value is None or value in EMBEDDED or not os.path.exists(str(value)):
             missing.append(f"  {key}: {what}; got {value!r} -> pass --set {key}=/path")
     if missing:
         raise FileNotFoundError(f"preset {preset!r} needs local weights that are missing:\n" + "\n".join(missing))
