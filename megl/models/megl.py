@@ -166,7 +166,8 @@ def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu"
                 standins: Optional[dict] = None) -> MEGLModel:
     """Build the whole model from a `Config`. `tokenizer`: the run's trained tokenizer for an embedded LLM (see
     megl.models.tokenizer.train_tokenizer); a real LLM brings its own from its directory. `standins`:
-    {"clip": state, "llm": state} of the pretrained tiny stand-ins (megl.models.standins), needed for "tiny"."""
+    {"clip": state, "llm": state, "W_A": state} of the pretrained tiny stand-ins (megl.models.standins.for_run),
+    needed for "tiny"; "W_A" initialises SDTG's W_A with the projector the LLM stand-in was pretrained with."""
     from .tokenizer import load_tokenizer
 
     device = torch.device(device)
@@ -183,6 +184,8 @@ def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu"
         encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
         llm = build_llm(config, tokenizer, device, standins.get("llm"))
         model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
+        if "W_A" in standins:  # the projector the LLM stand-in was pretrained to read CLIP with (LLaVA stage 1)
+            model.sdtg.W_A.load_state_dict(standins["W_A"])
         from megl.losses import get_method
 
         setup = getattr(get_method(config.method), "setup", None)  # e.g. RES-L adds its learnable imputation

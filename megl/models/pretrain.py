@@ -8,10 +8,11 @@ pretrained on the run's *training split* only, before MEGL training, and frozen 
   whole or, where the image has a human mask, as I ⊙ A: CLIP must read masked images, because that is what
   SDTG feeds it.
 * `pretrain_llm`: the tiny `LlamaForCausalLM` as a conditional language model on the rationales, in the run's
-  prompt template ("... USER: <image>\\n Why is this image classified as {class}? ... ASSISTANT: {rationale}</s>")
-  with the image slot filled by noise. The prompt names the class, so the model learns to carry the class from
-  the question into the answer, and the noise teaches it that the slot is not text; reading the slot is what
-  MEGL's LoRA and projectors learn afterwards.
+  prompt template ("... USER: <image>\\n Why is this image classified as {class}? ... ASSISTANT: {rationale}</s>").
+  The prompt names the class, so the model learns to carry the class from the question into the answer; the
+  image slot holds the frozen pretrained CLIP's tokens of the image through a linear projector trained jointly
+  (LLaVA's alignment stage), so it also learns to read what CLIP shows, such as where the object is. The
+  projector initialises SDTG's W_A. Without a pretrained CLIP (clip_model=tiny-random) the slot holds noise.
 
 Both run a fixed number of epochs (a function of the data, not of the clock, so results are reproducible) and
 report what they learnt: the contrastive loss and zero-shot accuracy, or the rationale perplexity.
@@ -36,7 +37,8 @@ CLIP_LR = 2e-3
 LLM_EPOCHS = 6
 LLM_BATCH = 32
 LLM_LR = 3e-3
-N_VISUAL = 16  # image-slot length during LLM pretraining: the default classifier's 4×4 Grad-CAM grid
+N_VISUAL_GRID = 4  # the image slot during LLM pretraining: the default classifier's 4×4 Grad-CAM grid
+N_VISUAL = N_VISUAL_GRID ** 2
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, base: float, warmup: int) -> None:
@@ -153,16 +155,40 @@ def clip_report(clip: nn.Module, tokenizer, split, decoy_box: Optional[tuple[int
 
 
 # ----------------------------------------------------------------------------- LLM
-def _llm_batches(split, class_names: Sequence[str]) -> list[tuple[str, str]]:
-    """(class name, rationale) for every reference of every image."""
-    return [(class_names[r.label], t) for r in split.records for t in r.references]
+@torch.no_grad()
+def clip_tokens(clip: nn.Module, split, feature_layer: int, grid: tuple[int, int] = (4, 4),
+                batch_size: int = 256) -> Tensor:
+    """(N, gh·gw, width): the frozen CLIP's patch tokens of each image (I ⊙ A where the image has a mask, else I),
+    pooled to `grid` exactly as SDTG pools them, i.e. what the LLM's image slot holds before the projection."""
+    from .clip import CLIPVisionEncoder
+
+    enc = CLIPVisionEncoder(clip, feature_layer).eval()
+    _, views, _ = clip_views(split)
+    out = [F.adaptive_avg_pool2d(enc(views[s:s + batch_size]), grid).flatten(2).transpose(1, 2)
+           for s in range(0, views.shape[0], batch_size)]
+    return torch.cat(out)
 
 
-def _nll(llm: nn.Module, prompts, pairs: Sequence[tuple[str, str]], noise: Tensor) -> tuple[Tensor, int]:
-    """Summed NLL of the rationale tokens (and </s>) of `pairs`, and their count, with `noise` in the image slot."""
+def _pairs(split, class_names: Sequence[str]) -> list[tuple[int, str, str]]:
+    """(image index, class name, rationale) for every reference of every image."""
+    return [(i, class_names[r.label], t) for i, r in enumerate(split.records) for t in r.references]
+
+
+def _slot(llm: nn.Module, idx: Sequence[int], visual: Optional[Tensor], projector: Optional[nn.Module],
+          g: torch.Generator) -> Tensor:
+    """The image slot: the projected CLIP tokens of the images, or Gaussian vectors with the scale of the token
+    embeddings when there is no pretrained CLIP to read."""
+    if visual is not None:
+        return projector(visual[list(idx)])
+    w = llm.get_input_embeddings().weight
+    return torch.randn(len(idx), N_VISUAL, w.shape[1], generator=g) * float(w.detach().std())
+
+
+def _nll(llm: nn.Module, prompts, pairs, slot: Tensor) -> tuple[Tensor, int]:
+    """Summed NLL of the rationale tokens (and </s>) of `pairs`, and their count, given the image slot."""
     embed = llm.get_input_embeddings()
-    names, texts = zip(*pairs)
-    inputs, mask, labels = prompts.training_batch(embed, noise, list(names), list(texts))
+    _, names, texts = zip(*pairs)
+    inputs, mask, labels = prompts.training_batch(embed, slot, list(names), list(texts))
     logits = llm(inputs_embeds=inputs, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
@@ -170,42 +196,42 @@ def _nll(llm: nn.Module, prompts, pairs: Sequence[tuple[str, str]], noise: Tenso
     return nll, int((target != -100).sum())
 
 
-def _noise(llm: nn.Module, n: int, g: torch.Generator) -> Tensor:
-    """Image-slot stand-ins: Gaussian vectors with the scale of the token embeddings."""
-    w = llm.get_input_embeddings().weight
-    return torch.randn(n, N_VISUAL, w.shape[1], generator=g) * float(w.detach().std())
-
-
 @torch.no_grad()
-def perplexity(llm: nn.Module, tokenizer, split, class_names: Sequence[str], batch_size: int = 64,
-               seed: int = 0) -> float:
-    """exp(mean NLL per rationale token) of a split's rationales, prompt naming the true class, noise image."""
+def perplexity(llm: nn.Module, tokenizer, split, class_names: Sequence[str], visual: Optional[Tensor] = None,
+               projector: Optional[nn.Module] = None, batch_size: int = 64, seed: int = 0) -> float:
+    """exp(mean NLL per rationale token) of a split's rationales, the prompt naming the true class, the image slot
+    holding the projected CLIP tokens `visual` (N, T, D) of the split's images (noise when None)."""
     from .sdtg import PromptBuilder
 
     was = llm.training
     llm.eval()
     prompts, g = PromptBuilder(tokenizer), torch.Generator().manual_seed(seed)
-    pairs = _llm_batches(split, class_names)
+    pairs = _pairs(split, class_names)
     total, count = 0.0, 0
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
-        nll, k = _nll(llm, prompts, chunk, _noise(llm, len(chunk), g))
+        nll, k = _nll(llm, prompts, chunk, _slot(llm, [p[0] for p in chunk], visual, projector, g))
         total, count = total + float(nll), count + k
     llm.train(was)
     return math.exp(total / max(count, 1))
 
 
-def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *, epochs: int = LLM_EPOCHS,
-                 batch_size: int = LLM_BATCH, lr: float = LLM_LR, seed: int = 0,
-                 log: Optional[list] = None) -> dict:
-    """Pretrain the tiny Llama in place as a conditional LM on a training split's rationales; returns a report."""
+def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *, visual: Optional[Tensor] = None,
+                 projector: Optional[nn.Module] = None, epochs: int = LLM_EPOCHS, batch_size: int = LLM_BATCH,
+                 lr: float = LLM_LR, seed: int = 0, log: Optional[list] = None) -> dict:
+    """Pretrain the tiny Llama in place as a conditional LM on a training split's rationales; returns a report.
+
+    With `visual` (the frozen CLIP's tokens of the split's images, `clip_tokens`) the image slot holds
+    `projector(visual)` and the projector trains jointly (LLaVA's alignment stage: the LLM learns to read CLIP);
+    without, the slot holds noise.
+    """
     from .sdtg import PromptBuilder
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     prompts = PromptBuilder(tokenizer)
-    pairs = _llm_batches(split, class_names)
-    params = [p for p in llm.parameters()]
+    pairs = _pairs(split, class_names)
+    params = list(llm.parameters()) + (list(projector.parameters()) if projector is not None else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -217,7 +243,7 @@ def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *
         for s in range(0, len(pairs), batch_size):
             chunk = [pairs[i] for i in order[s:s + batch_size]]
             _cosine_lr(opt, step, total, lr, warmup=steps_per_epoch)
-            nll, k = _nll(llm, prompts, chunk, _noise(llm, len(chunk), g))
+            nll, k = _nll(llm, prompts, chunk, _slot(llm, [p[0] for p in chunk], visual, projector, g))
             loss = nll / k
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,7 +258,8 @@ def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *
         p.requires_grad_(False)
     k = steps_per_epoch
     return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 2),
+            "image_slot": "clip" if visual is not None else "noise",
             "loss_first_epoch": sum(losses[:k]) / k, "loss_last_epoch": sum(losses[-k:]) / k}
 
 
-__all__ = ["clip_report", "perplexity", "pretrain_clip", "pretrain_llm", "zero_shot_accuracy"]
+__all__ = ["clip_report", "clip_tokens", "perplexity", "pretrain_clip", "pretrain_llm", "zero_shot_accuracy"]

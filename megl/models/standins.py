@@ -1,7 +1,8 @@
 """The pretrained stand-ins (clip_model="tiny", llm="tiny"): where their weights come from and where they live.
 
     <run>/standins/clip.safetensors    the frozen tiny CLIP of this run   (metadata: cache key, pretraining report)
-    <run>/standins/llm.safetensors     the frozen tiny Llama of this run  (LoRA and projectors are in the checkpoint)
+    <run>/standins/llm.safetensors     the frozen tiny Llama of this run, and the projector it was pretrained with
+                                       (it initialises SDTG's W_A; LoRA and the trained projectors are in the checkpoint)
     $MEGL_CACHE/standins/<kind>-<hash>.safetensors   shared cache (default ~/.cache/megl)
 
 The hash is of everything the weights depend on: the data (synthetic options or data_root with its annotation
@@ -66,6 +67,9 @@ def cache_key(kind: str, config, tokenizer=None) -> dict:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
         arch["vocab_sha256"] = hashlib.sha256(vocab.encode()).hexdigest()
         recipe = {"epochs": P.LLM_EPOCHS, "batch": P.LLM_BATCH, "lr": P.LLM_LR, "n_visual": P.N_VISUAL}
+        if config.clip_model == TINY:  # it reads the pretrained CLIP's tokens of this layer
+            recipe["clip"] = _digest(cache_key("clip", config))
+            recipe["clip_feature_layer"] = config.clip_feature_layer
     else:
         raise ValueError(f"unknown stand-in {kind!r}; one of {KINDS}")
     return {"kind": kind, "format": FORMAT, "data": _data_identity(config), "arch": arch, "recipe": recipe,
@@ -97,32 +101,59 @@ def _write(path: Path, state: dict, key: dict, report: dict) -> None:
     write_tensors(path, state, {"key": json.dumps(key, sort_keys=True), "report": json.dumps(report)})
 
 
-def _pretrain(kind: str, config, splits, tokenizer) -> tuple[dict, dict]:
+PROJECTOR = "sdtg.W_A."  # keys of the LLM stand-in's file that hold its pretraining projector (initialises W_A)
+
+
+def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> tuple[dict, dict]:
     from . import pretrain as P
     from .clip import clip_tokenizer, tiny_clip
     from .llm import tiny_llama
 
     train, val = splits["train"], splits.get("val")
+    has_val = val is not None and len(val) > 0
+    if kind == "llm" and config.clip_model == TINY:  # the LLM learns to read the pretrained CLIP (obtained first)
+        clip = tiny_clip(config)
+        clip.load_state_dict(obtain("clip", config, splits, None, run_dir, log)[0])
+        clip.requires_grad_(False)
+        visual = {name: P.clip_tokens(clip, split, config.clip_feature_layer, (P.N_VISUAL_GRID,) * 2)
+                  for name, split in (("train", train), ("val", val if has_val else None)) if split is not None}
+    else:
+        visual = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if kind == "clip":
             model, tok = tiny_clip(config), clip_tokenizer(config)
-            before = P.clip_report(model, tok, val, _decoy_box(config)) if val is not None and len(val) else {}
+            before = P.clip_report(model, tok, val, _decoy_box(config)) if has_val else None
             report = P.pretrain_clip(model, tok, train, epochs=P.CLIP_EPOCHS, batch_size=P.CLIP_BATCH, lr=P.CLIP_LR,
                                      seed=config.seed)
-            if before:
+            if before is not None:
                 report["val_before"] = before
                 report["val"] = P.clip_report(model, tok, val, _decoy_box(config))
-        else:
-            model = tiny_llama(config, tokenizer)
-            names = train.class_names
-            before = P.perplexity(model, tokenizer, val, names) if val is not None and len(val) else None
-            report = P.pretrain_llm(model, tokenizer, train, names, epochs=P.LLM_EPOCHS, batch_size=P.LLM_BATCH,
-                                    lr=P.LLM_LR, seed=config.seed)
-            if before is not None:
-                report["val_perplexity_before"] = before
-                report["val_perplexity"] = P.perplexity(model, tokenizer, val, names)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, report
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}, report
+        model = tiny_llama(config, tokenizer)
+        projector = torch.nn.Linear(config.tiny_clip_width, config.tiny_llm_hidden) if visual else None
+        names = train.class_names
+
+        def ppl():
+            return P.perplexity(model, tokenizer, val, names, visual.get("val"), projector)
+
+        before = ppl() if has_val else None
+        report = P.pretrain_llm(model, tokenizer, train, names, visual=visual.get("train"), projector=projector,
+                                epochs=P.LLM_EPOCHS, batch_size=P.LLM_BATCH, lr=P.LLM_LR, seed=config.seed)
+        if before is not None:
+            report["val_perplexity_before"] = before
+            report["val_perplexity"] = ppl()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if projector is not None:
+        state.update({PROJECTOR + k: v.detach().clone() for k, v in projector.state_dict().items()})
+    return state, report
+
+
+def split_llm_state(state: dict) -> tuple[dict, dict]:
+    """(Llama weights, pretraining projector weights) of an LLM stand-in file."""
+    llm = {k: v for k, v in state.items() if not k.startswith(PROJECTOR)}
+    proj = {k[len(PROJECTOR):]: v for k, v in state.items() if k.startswith(PROJECTOR)}
+    return llm, proj
 
 
 def _decoy_box(config):
@@ -146,22 +177,32 @@ def obtain(kind: str, config, splits, tokenizer=None, run_dir=None, log=print) -
                 _write(run_path, got[0], key, got[1])
             return got[0], got[1], source
     log(f"pretraining the tiny {kind} stand-in (cached in {cached.parent})")
-    state, report = _pretrain(kind, config, splits, tokenizer)
+    state, report = _pretrain(kind, config, splits, tokenizer, run_dir, log)
     _write(cached, state, key, report)
     if run_path is not None:
         _write(run_path, state, key, report)
     return state, report, "pretrained"
 
 
+def _as_weights(states: dict[str, dict]) -> dict[str, dict]:
+    """File contents -> build_model's `standins`: {"clip", "llm", "W_A" (when the LLM was pretrained reading CLIP)}."""
+    out = dict(states)
+    if "llm" in out:
+        out["llm"], proj = split_llm_state(out["llm"])
+        if proj:
+            out["W_A"] = proj
+    return out
+
+
 def for_run(config, splits, tokenizer=None, run_dir=None, log=None) -> dict[str, dict]:
-    """{"clip": state, "llm": state} for the stand-ins the config uses pretrained (see `obtain`); logs a summary."""
+    """build_model's `standins` for the stand-ins the config uses pretrained (see `obtain`); logs a summary."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    out = {}
+    states = {}
     for kind in wanted(config):
         state, report, source = obtain(kind, config, splits, tokenizer, run_dir, log)
         log(f"tiny {kind} stand-in ({source}): {summary(kind, report)}")
-        out[kind] = state
-    return out
+        states[kind] = state
+    return _as_weights(states)
 
 
 def summary(kind: str, report: dict) -> str:
@@ -187,7 +228,7 @@ def load_from_run(run_dir, config) -> dict[str, dict]:
             raise FileNotFoundError(f"{path} not found: the run uses the pretrained tiny {kind} but its weights are "
                                     "missing (copy the whole run directory)")
         out[kind] = load_file(str(path))
-    return out
+    return _as_weights(out)
 
 
 def report_of(run_dir, kind: str) -> dict:
