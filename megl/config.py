@@ -48,7 +48,7 @@ class Config:
     # --- CLIP vision encoder (frozen)
     clip_model: str = TINY  # "tiny" (pretrained stand-in), "tiny-random" or an open_clip model name ("ViT-L-14")
     clip_weights: Optional[str] = None  # local checkpoint for open_clip.create_model(pretrained=...)
-    clip_image_size: int = 64  # tiny CLIP only (named models use their own size)
+    clip_image_size: int = 32  # tiny CLIP only (named models use their own size); 4×4 patches = the Grad-CAM grid
     clip_feature_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     tiny_clip_width: int = 64
     tiny_clip_layers: int = 2
