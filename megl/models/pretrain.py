@@ -103,6 +103,7 @@ def pretrain_clip(clip: nn.Module, tokenizer, split, *, epochs: int = CLIP_EPOCH
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
     steps_per_epoch = math.ceil(n / batch_size)
     total, step, losses = epochs * steps_per_epoch, 0, []
+    clip.token_embedding.requires_grad_(False)
     clip.train()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=g)
@@ -124,9 +125,7 @@ def pretrain_clip(clip: nn.Module, tokenizer, split, *, epochs: int = CLIP_EPOCH
             step += 1
         if log is not None:
             log.append({"epoch": epoch + 1, "loss": sum(losses[-steps_per_epoch:]) / steps_per_epoch})
-    clip.eval()
-    for p in params:
-        p.requires_grad_(False)
+    clip.eval().requires_grad_(False)
     k = steps_per_epoch
     return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 2),
             "loss_first_epoch": sum(losses[:k]) / k, "loss_last_epoch": sum(losses[-k:]) / k}
