@@ -52,7 +52,7 @@ def _article(name: str) -> str:
 
 # ----------------------------------------------------------------------------- CLIP
 def clip_views(split) -> tuple[Tensor, Tensor, list[list[str]]]:
-    """(images (N,3,S,S) in [0,1], masked I ⊙ A or None-marker, references) of a split's images."""
+    """(images I (N,3,S,S) in [0,1], the masked views (I ⊙ A where the image has a mask, else I), references)."""
     n = split.num_images
     images = torch.stack([split.image(i) for i in range(n)])
     has = split.has_masks
