@@ -17,7 +17,9 @@ from megl.errors import UserError
 
 BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
-TINY = "tiny"  # the embedded, random-initialised CLIP / LLM configurations
+TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
+TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
+EMBEDDED = (TINY, TINY_RANDOM)
 # The embedded default data (docs/recipe.md §5): the class is the object's colour, faint (contrast 0.4); the corner
 # decoy names the class in 95 % of training images and is random in val / test; 20 % of training images are masked.
 STORY_DATA = dict(n_train=600, num_classes=6, class_cue="colour", object_contrast=0.4, decoy_strength=0.95,
@@ -79,16 +81,19 @@ class Config:
     target_layer: Optional[str] = None
 
     # --- CLIP vision encoder (frozen)
-    clip_model: str = TINY  # "tiny" or an open_clip model name ("ViT-L-14")
+    # "tiny-random" (default), "tiny" (pretrained stand-in) or an open_clip model name ("ViT-L-14"). The default stays
+    # random until pretraining fits its budget: measured at 10+ minutes each on this CPU class (docs/standins.md)
+    clip_model: str = TINY_RANDOM
     clip_weights: Optional[str] = None  # local checkpoint for open_clip.create_model(pretrained=...)
-    clip_image_size: int = 32  # tiny CLIP only (named models use their own size)
+    clip_image_size: int = 32  # tiny CLIP only (named models use their own size); 4×4 patches = the Grad-CAM grid
     clip_feature_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
     tiny_clip_width: int = 64
     tiny_clip_layers: int = 2
     tiny_clip_patch: int = 8
+    tiny_clip_context: int = 32  # text tower positions; rationales and class prompts are far shorter
 
     # --- LLM (Vicuna v1.5 or a tiny Llama) + LoRA
-    llm: str = TINY  # "tiny" or a local directory for transformers' from_pretrained
+    llm: str = TINY_RANDOM  # "tiny-random", "tiny" (pretrained stand-in) or a local directory for from_pretrained
     tokenizer_vocab_size: int = 600  # tiny LLM: BPE vocabulary trained on the rationales and prompts
     tiny_llm_hidden: int = 64
     tiny_llm_layers: int = 2
@@ -185,10 +190,10 @@ class Config:
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{key} = {path!r} does not exist; fix the path (--set {key}=PATH) or drop it")
-        if self.llm != TINY and not os.path.isdir(self.llm):
+        if self.llm not in EMBEDDED and not os.path.isdir(self.llm):
             raise ConfigError(
                 f"llm = {self.llm!r} is not a directory: give a local Vicuna v1.5 (or Llama) checkpoint "
-                f"directory with --set llm=PATH, or use llm=tiny"
+                f"directory with --set llm=PATH, or use llm=tiny (or tiny-random)"
             )
         return self
 
@@ -277,7 +282,7 @@ def check_preset_paths(config: Config, preset: str) -> None:
     missing = []
     for key, what in PRESET_PATHS.items():
         value = getattr(config, key)
-        if value in (None, TINY) or not os.path.exists(str(value)):
+        if value is None or value in EMBEDDED or not os.path.exists(str(value)):
             missing.append(f"{key} ({what}; got {value!r}): pass --set {key}=/path")
     if missing:
         raise ConfigError(f"preset {preset!r} needs local weights that are missing: " + "; ".join(missing))

@@ -202,9 +202,14 @@ def _clip_choice(args, run, device) -> tuple[tuple[Any, Callable], str]:
     config = run.config
     name = getattr(config, "clip_model", "tiny")
     if name == "tiny":
-        note = ("CLIPScore uses the run's own CLIP: the embedded tiny open_clip model, random-initialised and "
-                "frozen, so its values only check the pipeline. For the paper's setting pass "
+        note = ("CLIPScore uses the run's own CLIP: the embedded tiny open_clip model, pretrained contrastively on "
+                "this run's training images and rationales (megl.models.standins), so scores are comparable "
+                "between runs on the same data only. For the paper's setting pass "
                 "--clip-model ViT-L-14 --clip-weights /path/to/open_clip_pytorch_model.bin.")
+    elif name == "tiny-random":
+        note = ("CLIPScore uses the run's own CLIP: the embedded tiny open_clip model, random-initialised and "
+                "frozen (clip_model=tiny-random), so its values only check the pipeline. For the paper's setting "
+                "pass --clip-model ViT-L-14 --clip-weights /path/to/open_clip_pytorch_model.bin.")
     else:
         note = f"CLIPScore uses the run's own CLIP: open_clip {name} from {getattr(config, 'clip_weights', None)}."
     return (run.model.clip, run.model.clip_tokenizer), note

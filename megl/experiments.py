@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megl.config import STORY_DATA, Config, apply_overrides
+from megl.config import EMBEDDED, STORY_DATA, Config, apply_overrides
 
 VISUAL_METHODS = ("baseline", "cdep", "haics", "res-g", "res-l", "gradia", "rrr", "megl")
 LLM_METHODS = ("llava", "ft-cot")
@@ -136,12 +136,15 @@ def train_llm(config: Config, run_dir: Path, progress: bool) -> tuple[list[dict]
     run_dir.mkdir(parents=True, exist_ok=True)
     runs.save_config(run_dir, config)
     tokenizer = None
-    if config.llm == "tiny":
+    if config.llm in EMBEDDED:
         if not (run_dir / "tokenizer").exists():
             texts = [t for r in tr.records for t in r.references]
             runs.save_tokenizer(run_dir, train_tokenizer(texts, tr.class_names, config.tokenizer_vocab_size))
         tokenizer = runs.load_run_tokenizer(run_dir, config)
-    model = build_llm_classifier(config, tr.class_names, tokenizer, device, mode=config.method)
+    from megl.models import standins
+
+    weights = standins.for_run(config, splits, tokenizer, run_dir)  # the pretrained tiny CLIP / LLM, if used
+    model = build_llm_classifier(config, tr.class_names, tokenizer, device, mode=config.method, standins=weights)
     optimizer = make_optimizer(model, config)
     metrics = []
     for epoch in range(config.epochs):

@@ -2,7 +2,8 @@
 
     <run>/config.json                   the resolved Config
     <run>/prior.safetensors             Ā, the mean training mask
-    <run>/tokenizer/                    the trained tokenizer (llm=tiny)
+    <run>/tokenizer/                    the trained tokenizer (llm=tiny / tiny-random)
+    <run>/standins/                     the pretrained tiny CLIP / LLM (megl.models.standins)
     <run>/checkpoints/last.safetensors  model tensors, optimiser tensors, RNG states; training state in its metadata
     <run>/checkpoints/last.json         the same training state, readable
                                         (checkpoints/ is a link to a .checkpoints.* folder holding both, swapped
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from megl.config import Config
+from megl.config import EMBEDDED, Config
 from megl.errors import UserError
 from megl.files import STAGING, atomic_write, fsync_dir, remove_stale_temps, write_json
 
@@ -98,7 +99,7 @@ def save_tokenizer(run_dir, tokenizer) -> None:
 def load_run_tokenizer(run_dir, config: Config):
     from megl.models.tokenizer import load_tokenizer
 
-    if config.llm != "tiny":
+    if config.llm not in EMBEDDED:
         return load_tokenizer(config.llm)
     path = Path(run_dir) / "tokenizer"
     if not path.exists():
@@ -247,8 +248,8 @@ class Run:
 
 
 def load_run(run_dir, device: str = "cpu") -> Run:
-    """Rebuild a run: model from config.json + checkpoint + tokenizer, data splits and prior."""
-    from megl.models import build_model
+    """Rebuild a run: model from config.json + checkpoint + tokenizer + stand-ins, data splits and prior."""
+    from megl.models import build_model, standins
 
     run_dir = Path(run_dir)
     config = load_config(run_dir)
@@ -257,7 +258,8 @@ def load_run(run_dir, device: str = "cpu") -> Run:
         raise RunError(f"{run_dir / CHECKPOINT} not found: the run has no checkpoint yet")
     splits = make_splits(config)
     tokenizer = load_run_tokenizer(run_dir, config)
-    model = build_model(config, splits["train"].class_names, tokenizer, device=device)
+    model = build_model(config, splits["train"].class_names, tokenizer, device=device,
+                        standins=standins.load_from_run(run_dir, config))
     restore_model(model, ckpt[0], run_dir)
     model.eval()
     return Run(config, model, splits, load_prior(run_dir).to(device), run_dir)

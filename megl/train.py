@@ -1,7 +1,8 @@
 """`python -m megl.train`: train MEGL (or a comparison method) and write a run directory.
 
 With no arguments: the synthetic colour-cue decoy data (megl.config.STORY_DATA), ResNet18 at 32 px (no stem
-max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM, on CPU, 6 epochs of warmup + cosine
+max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM (random, frozen; `--set clip_model=tiny --set llm=tiny` pretrains
+them on the training split first: megl.models.standins), on CPU, 6 epochs of warmup + cosine
 (docs/recipe.md). The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
 optimiser, RNG states, sampler position) is written atomically, so `--resume RUN_DIR` after a crash (even SIGKILL)
 continues exactly where the checkpoint was and, in deterministic mode, ends with the same metrics.
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from megl import runs
-from megl.config import Config, resolve
+from megl.config import EMBEDDED, Config, resolve
 from megl.errors import UserError, cli
 from megl.losses.common import PARTS
 from megl.schedule import lr_factor, set_lr
@@ -241,7 +242,7 @@ def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
 
 def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress: bool = True) -> list[dict]:
     from megl.data import collate, mean_mask_prior
-    from megl.models import build_model
+    from megl.models import build_model, standins
     from megl.models.tokenizer import train_tokenizer
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -267,12 +268,16 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
         runs.remove_stale_files(run_dir)
         runs.save_config(run_dir, config)
         runs.save_prior(run_dir, prior)
-        if config.llm == "tiny" and not (run_dir / "tokenizer").exists():
+        if config.llm in EMBEDDED and not (run_dir / "tokenizer").exists():
             texts = [t for r in train_split.records for t in r.references]
             runs.save_tokenizer(run_dir, train_tokenizer(texts, class_names, config.tokenizer_vocab_size))
     d.barrier()
     tokenizer = runs.load_run_tokenizer(run_dir, config)
-    model = build_model(config, class_names, tokenizer, device=d.device)
+    if d.main:  # pretrained tiny CLIP / LLM: from the run directory, the shared cache, or pretrained now
+        standins.for_run(config, splits, tokenizer, run_dir)
+    d.barrier()
+    model = build_model(config, class_names, tokenizer, device=d.device,
+                        standins=standins.load_from_run(run_dir, config))
     optimizer = make_optimizer(model, config)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": [],
              "share_sum": {}, "share_n": 0}

@@ -23,9 +23,9 @@ def tiny_run(tmp_path_factory):
     from megl.models.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("run")
-    cfg = Config(image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
-                 max_new_tokens=6, synthetic={"n_train": 24, "n_val": 4, "n_test": 10, "num_classes": 3,
-                                              "mask_fraction": 0.5})
+    cfg = Config(clip_model="tiny-random", llm="tiny-random", image_size=32, clip_image_size=32, tiny_clip_width=32,
+                 tiny_llm_hidden=32, tokenizer_vocab_size=300, max_new_tokens=6,
+                 synthetic={"n_train": 24, "n_val": 4, "n_test": 10, "num_classes": 3, "mask_fraction": 0.5})
     splits = runs.make_splits(cfg)
     train = splits["train"]
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, cfg.tokenizer_vocab_size)

@@ -94,7 +94,7 @@ def test_run_names_identify_the_configuration():
     assert ex.run_name(ex.run_config(base, "resnet18", "llava", 0)).startswith("llm_llava_seed0_")
 
 
-TINY = ["--seeds", "0", "--epochs", "1", "--threads", "1",
+TINY = ["--seeds", "0", "--epochs", "1", "--threads", "1", "--set", "clip_model=tiny-random", "--set", "llm=tiny-random",
         "--set", "image_size=32", "--set", "synthetic.n_train=16", "--set", "synthetic.n_val=4",
         "--set", "synthetic.n_test=8", "--set", "batch_size=8", "--set", "max_steps_per_epoch=1",
         "--set", "vit_layers=1", "--set", "vit_heads=1", "--set", "vit_hidden=16", "--set", "vit_mlp=16",

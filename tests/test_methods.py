@@ -408,7 +408,8 @@ def test_each_loss_decreases_on_a_tiny_problem(method, one_thread):
 def _config(**kw):
     from megl.config import Config
 
-    return Config(**{"image_size": 32, "backbone": "resnet18", "saliency_backend": "reference", **kw})
+    return Config(**{"image_size": 32, "backbone": "resnet18", "saliency_backend": "reference",
+                     "clip_model": "tiny-random", "llm": "tiny-random", **kw})
 
 
 @pytest.mark.parametrize("maxpool,stride,train", [(True, 2, False), (False, 1, True), (True, 1, True)])

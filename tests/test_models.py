@@ -13,7 +13,7 @@ from megl.models import build_model, train_tokenizer
 from megl.models.sdtg import IGNORE, greedy_generate
 from megl.runs import make_splits
 
-TINY = dict(image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
+TINY = dict(clip_model="tiny-random", llm="tiny-random", image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
             max_new_tokens=6, synthetic={"n_train": 12, "n_val": 4, "n_test": 4, "num_classes": 3,
                                          "mask_fraction": 0.5})
 TINY_VIT = dict(backbone="vit_b_16", vit_patch_size=8, vit_layers=2, vit_heads=2, vit_hidden=32, vit_mlp=64)

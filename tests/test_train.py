@@ -17,7 +17,7 @@ from megl.config import Config
 from megl.train import Dist, evaluate, main, train
 
 TINY_SETS = [
-    "image_size=32", "clip_image_size=32", "tiny_clip_width=32", "tiny_llm_hidden=32", "tokenizer_vocab_size=300",
+    "clip_model=tiny-random", "llm=tiny-random", "image_size=32", "clip_image_size=32", "tiny_clip_width=32", "tiny_llm_hidden=32", "tokenizer_vocab_size=300",
     "batch_size=4", "eval_batch_size=16", "num_overlays=2",
     'synthetic={"n_train": 16, "n_val": 6, "n_test": 6, "num_classes": 3, "mask_fraction": 0.5}',
 ]

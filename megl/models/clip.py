@@ -1,29 +1,44 @@
 """The frozen CLIP vision encoder E of SDTG: Z_A = CLIP(I ⊙ Â), gradients flow to the input image.
 
 `clip_model="ViT-L-14"` (any open_clip name) builds it with `open_clip.create_model(name, pretrained=<local file>)`;
-the embedded default "tiny" is an `open_clip.model.CLIP` with a small ViT vision tower and a small text tower
-(the text tower keeps the standard 49408-token vocabulary and context 77, so open_clip's bundled BPE tokenizer
-works for CLIPScore), random-initialised and frozen.
+the embedded "tiny" is an `open_clip.model.CLIP` with a small ViT vision tower and a small text tower (the text
+tower keeps the standard 49408-token vocabulary, so open_clip's bundled BPE tokenizer works for CLIPScore; its
+context is `tiny_clip_context` tokens), pretrained contrastively on the run's training split (megl.models.pretrain, cached by
+megl.models.standins) and then frozen; "tiny-random" is the same architecture random-initialised.
 """
 from __future__ import annotations
 
 import open_clip
+from typing import Optional
+
 from torch import Tensor, nn
 
+from megl.config import EMBEDDED, TINY
 from megl.data.transforms import clip_preprocess
 from megl.errors import WeightsError
 
 
-def build_open_clip(config) -> nn.Module:
-    if config.clip_model == "tiny":
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+def tiny_clip(config) -> nn.Module:
+    """The embedded architecture, random-initialised (from the current torch RNG)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-        w = config.tiny_clip_width
-        vision = CLIPVisionCfg(layers=config.tiny_clip_layers, width=w, head_width=w // 2, mlp_ratio=2.0,
-                               patch_size=config.tiny_clip_patch, image_size=config.clip_image_size)
-        text = CLIPTextCfg(context_length=77, vocab_size=49408, width=w, heads=2, layers=config.tiny_clip_layers,
-                           mlp_ratio=2.0)
-        model = CLIP(embed_dim=w, vision_cfg=vision, text_cfg=text)
+    w = config.tiny_clip_width
+    vision = CLIPVisionCfg(layers=config.tiny_clip_layers, width=w, head_width=w // 2, mlp_ratio=2.0,
+                           patch_size=config.tiny_clip_patch, image_size=config.clip_image_size)
+    text = CLIPTextCfg(context_length=config.tiny_clip_context, vocab_size=49408, width=w, heads=2,
+                       layers=config.tiny_clip_layers, mlp_ratio=2.0)
+    return CLIP(embed_dim=w, vision_cfg=vision, text_cfg=text)
+
+
+def build_open_clip(config, state: Optional[dict] = None) -> nn.Module:
+    """The frozen CLIP. `state`: the pretrained tiny stand-in's weights (required for clip_model="tiny")."""
+    if config.clip_model in EMBEDDED:
+        model = tiny_clip(config)
+        if config.clip_model == TINY:
+            if state is None:
+                raise ValueError("clip_model='tiny' is the pretrained stand-in: pass its weights "
+                                 "(megl.models.standins.for_run / load_from_run), or use clip_model=tiny-random")
+            model.load_state_dict(state)
     else:
         if config.clip_weights is None:
             raise FileNotFoundError(
@@ -45,7 +60,9 @@ def build_open_clip(config) -> nn.Module:
 
 def clip_tokenizer(config):
     """open_clip's tokenizer for the model (the bundled BPE for OpenAI-style towers; works offline)."""
-    return open_clip.get_tokenizer("ViT-L-14" if config.clip_model == "tiny" else config.clip_model)
+    if config.clip_model in EMBEDDED:
+        return open_clip.get_tokenizer("ViT-L-14", context_length=config.tiny_clip_context)
+    return open_clip.get_tokenizer(config.clip_model)
 
 
 class CLIPVisionEncoder(nn.Module):
@@ -72,4 +89,4 @@ class CLIPVisionEncoder(nn.Module):
         return out["image_intermediates"][0]
 
 
-__all__ = ["CLIPVisionEncoder", "build_open_clip", "clip_tokenizer"]
+__all__ = ["CLIPVisionEncoder", "build_open_clip", "clip_tokenizer", "tiny_clip"]

@@ -1,4 +1,7 @@
-"""The LLM of SDTG: Vicuna v1.5 (a local directory) or a tiny random-initialised Llama, with LoRA adapters (peft).
+"""The LLM of SDTG: Vicuna v1.5 (a local directory) or a tiny Llama, with LoRA adapters (peft).
+
+The tiny Llama ("tiny") is pretrained as a language model on the run's training rationales
+(megl.models.pretrain, cached by megl.models.standins); "tiny-random" is the same architecture random-initialised.
 
 Attention: flash_attention_2 when flash-attn imports and the device is CUDA, else PyTorch SDPA. bf16 on GPU.
 The base weights are frozen; only the LoRA adapters train.
@@ -7,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 
+from megl.config import EMBEDDED, TINY
 from megl.errors import WeightsError
 
 
@@ -24,26 +29,40 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def build_llm(config, tokenizer, device: torch.device) -> nn.Module:
+def tiny_llama(config, tokenizer, attn: str = "sdpa") -> nn.Module:
+    """The embedded architecture (transformers' LlamaForCausalLM), random-initialised, float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h = config.tiny_llm_hidden
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=config.tiny_llm_layers,
+        num_attention_heads=config.tiny_llm_heads, num_key_value_heads=config.tiny_llm_heads,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    cfg._attn_implementation = attn
+    return LlamaForCausalLM(cfg)
+
+
+def build_llm(config, tokenizer, device: torch.device, state: Optional[dict] = None) -> nn.Module:
+    """Frozen base LLM + LoRA. `state`: the pretrained tiny stand-in's weights (required for llm="tiny")."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     attn = attention_implementation(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if config.llm == "tiny":
-        h = config.tiny_llm_hidden
-        cfg = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=config.tiny_llm_layers,
-            num_attention_heads=config.tiny_llm_heads, num_key_value_heads=config.tiny_llm_heads,
-            max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        )
-        cfg._attn_implementation = attn
-        model = LlamaForCausalLM(cfg).to(dtype)
+    if config.llm in EMBEDDED:
+        model = tiny_llama(config, tokenizer, attn)
+        if config.llm == TINY:
+            if state is None:
+                raise ValueError("llm='tiny' is the pretrained stand-in: pass its weights "
+                                 "(megl.models.standins.for_run / load_from_run), or use llm=tiny-random")
+            model.load_state_dict(state)
+        model = model.to(dtype)
     else:
         if not os.path.isdir(config.llm):
             raise FileNotFoundError(f"llm directory {config.llm!r} not found: give a local Vicuna v1.5 checkpoint "
-                                    "directory (--set llm=PATH) or use llm=tiny")
+                                    "directory (--set llm=PATH) or use llm=tiny (or tiny-random)")
         try:
             model = AutoModelForCausalLM.from_pretrained(config.llm, dtype=dtype, attn_implementation=attn)
         except (OSError, ValueError, RuntimeError, KeyError) as e:  # no config / weights, another architecture

@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from megl.config import EMBEDDED, TINY_RANDOM
+
 from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
 from .llm import build_llm
 from .sdtg import IGNORE, greedy_generate
@@ -224,10 +226,11 @@ class LLMClassifier(nn.Module):
         }
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """Trainable weights, buffers and frozen weights that cannot be reloaded from a path (tiny CLIP / LLM)."""
+        """Trainable weights, buffers and frozen weights that cannot be reloaded from a file (tiny-random CLIP / LLM;
+        the pretrained stand-ins live in <run>/standins/)."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        skip = ("clip_encoder.",) if self.config.clip_model != "tiny" else ()
-        real_llm = self.config.llm != "tiny"
+        skip = ("clip_encoder.",) if self.config.clip_model != TINY_RANDOM else ()
+        real_llm = self.config.llm != TINY_RANDOM
         return {n: t for n, t in self.state_dict().items()
                 if not n.startswith(skip) and not (real_llm and n.startswith("llm.") and n not in trainable)}
 
@@ -241,21 +244,24 @@ class LLMClassifier(nn.Module):
 
 
 def build_llm_classifier(config, class_names: Sequence[str], tokenizer=None, device="cpu",
-                         mode: Optional[str] = None) -> LLMClassifier:
-    """Build the LLaVA ("llava") or Fine-tune-CoT ("ft-cot") classifier from a `Config` (mode: config.method)."""
+                         mode: Optional[str] = None, standins: Optional[dict] = None) -> LLMClassifier:
+    """Build the LLaVA ("llava") or Fine-tune-CoT ("ft-cot") classifier from a `Config` (mode: config.method).
+    `standins`: the pretrained tiny CLIP / LLM weights (megl.models.standins), needed for "tiny"."""
     from .tokenizer import load_tokenizer
 
     mode = mode or config.method
     device = torch.device(device)
+    standins = standins or {}
     if tokenizer is None:
-        if config.llm == "tiny":
-            raise ValueError("build_llm_classifier: llm='tiny' needs the run's tokenizer (megl.models.train_tokenizer)")
+        if config.llm in EMBEDDED:
+            raise ValueError(f"build_llm_classifier: llm={config.llm!r} needs the run's tokenizer "
+                             "(megl.models.train_tokenizer)")
         tokenizer = load_tokenizer(config.llm)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        clip = build_open_clip(config)
+        clip = build_open_clip(config, standins.get("clip"))
         encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
-        llm = build_llm(config, tokenizer, device)
+        llm = build_llm(config, tokenizer, device, standins.get("llm"))
         model = LLMClassifier(config, class_names, encoder, llm, tokenizer, clip_tokenizer(config), mode)
     if device.type == "cuda":
         model.clip_encoder.to(torch.bfloat16)
@@ -275,8 +281,8 @@ def _method_loss(mode: str):
 
     loss.__name__ = loss.__qualname__ = f"{mode.replace('-', '_')}_loss"
     loss.__doc__ = f"The {mode} objective: NLL of the answer tokens (registry signature; the model does the work)."
-    def build_model(config, class_names, tokenizer=None, device="cpu") -> LLMClassifier:
-        return build_llm_classifier(config, class_names, tokenizer, device, mode)
+    def build_model(config, class_names, tokenizer=None, device="cpu", standins=None) -> LLMClassifier:
+        return build_llm_classifier(config, class_names, tokenizer, device, mode, standins)
 
     loss.build_model = build_model  # type: ignore[attr-defined]
     loss.model_kind = "llm"  # type: ignore[attr-defined]  # predictions come from model.predict, no saliency

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from megl.config import EMBEDDED, TINY_RANDOM
 from megl.ops import SaliencyOutput, fused_saliency
 
 from .classifier import Classifier, ClassifierOutput, build_classifier
@@ -139,17 +140,18 @@ class MEGLModel(nn.Module):
         return groups
 
     def _external_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of frozen weights that come from local checkpoints (not stored in the run)."""
+        """State-dict prefixes of frozen weights that come from files (local checkpoints, or the pretrained
+        stand-ins in <run>/standins/), so the checkpoint does not store them."""
         out = []
-        if self.config.clip_model != "tiny":
+        if self.config.clip_model != TINY_RANDOM:
             out.append("clip_encoder.")
         return tuple(out)
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """What a run stores: everything trainable, all buffers, and frozen weights not loadable from a path."""
+        """What a run stores: everything trainable, all buffers, and frozen weights not loadable from a file."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         external = self._external_prefixes()
-        real_llm = self.config.llm != "tiny"
+        real_llm = self.config.llm != TINY_RANDOM
         out = {}
         for name, t in self.state_dict().items():
             if name.startswith(external):
@@ -168,24 +170,30 @@ class MEGLModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
-def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu") -> MEGLModel:
-    """Build the whole model from a `Config`. `tokenizer`: the run's trained tokenizer for llm='tiny' (see
-    megl.models.tokenizer.train_tokenizer); a real LLM brings its own from its directory."""
+def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu",
+                standins: Optional[dict] = None) -> MEGLModel:
+    """Build the whole model from a `Config`. `tokenizer`: the run's trained tokenizer for an embedded LLM (see
+    megl.models.tokenizer.train_tokenizer); a real LLM brings its own from its directory. `standins`:
+    {"clip": state, "llm": state, "W_A": state} of the pretrained tiny stand-ins (megl.models.standins.for_run),
+    needed for "tiny"; "W_A" initialises SDTG's W_A with the projector the LLM stand-in was pretrained with."""
     from .tokenizer import load_tokenizer
 
     device = torch.device(device)
+    standins = standins or {}
     if tokenizer is None:
-        if config.llm == "tiny":
-            raise ValueError("build_model: llm='tiny' needs the run's tokenizer (train_tokenizer(...) or "
+        if config.llm in EMBEDDED:
+            raise ValueError(f"build_model: llm={config.llm!r} needs the run's tokenizer (train_tokenizer(...) or "
                              "load_tokenizer('<run>/tokenizer'))")
         tokenizer = load_tokenizer(config.llm)
     with torch.random.fork_rng(devices=[]):  # random-initialised parts are a function of the seed alone
         torch.manual_seed(config.seed)
         classifier = build_classifier(config, len(class_names))
-        clip = build_open_clip(config)
+        clip = build_open_clip(config, standins.get("clip"))
         encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
-        llm = build_llm(config, tokenizer, device)
+        llm = build_llm(config, tokenizer, device, standins.get("llm"))
         model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
+        if "W_A" in standins:  # the projector the LLM stand-in was pretrained to read CLIP with (LLaVA stage 1)
+            model.sdtg.W_A.load_state_dict(standins["W_A"])
         from megl.losses import get_method
 
         setup = getattr(get_method(config.method), "setup", None)  # e.g. RES-L adds its learnable imputation
