@@ -14,7 +14,8 @@ from megl.models.sdtg import IGNORE, greedy_generate
 from megl.runs import make_splits
 
 TINY = dict(clip_model="tiny-random", llm="tiny-random", image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
-            max_new_tokens=6, synthetic={"n_train": 12, "n_val": 4, "n_test": 4, "num_classes": 3,
+            max_new_tokens=6, resnet_stem_maxpool=True,  # a 2x2 map, as small as these tests need
+            synthetic={"n_train": 12, "n_val": 4, "n_test": 4, "num_classes": 3,
                                          "mask_fraction": 0.5})
 TINY_VIT = dict(backbone="vit_b_16", vit_patch_size=8, vit_layers=2, vit_heads=2, vit_hidden=32, vit_mlp=64)
 
@@ -48,7 +49,7 @@ def test_resnet_taps_and_closed_form_gradients_match_autograd(resnet):
     out = clf(batch["image"])
     B = batch["image"].shape[0]
     assert out.logits.shape == (B, 3)
-    assert out.activations.shape == (B, 512, 2, 2)  # 32 px without the stem max-pool: /16
+    assert out.activations.shape == (B, 512, 2, 2)  # 32 px with the stem max-pool, layer4 stride 1: /16
     assert out.features.shape == (B, 4, 512)
     target = batch["label"]
     closed = clf.gradcam_gradients(out, target)
@@ -218,7 +219,8 @@ def test_loss_terms_follow_the_switches(resnet, switches, present, absent):
     lambdas = {k: v for k, v in switches.items() if k != "method"}
     terms = model.loss(batch, prior, lambdas=lambdas, method=switches.get("method"))
     assert present <= set(terms) and not (absent & set(terms))
-    expected = terms["ce"] + terms.get("visual", 0) + terms.get("text", 0)
+    cfg = model.config
+    expected = terms["ce"] + cfg.lambda_visual * terms.get("visual", 0) + cfg.lambda_text * terms.get("text", 0)
     torch.testing.assert_close(terms["total"].detach(), torch.as_tensor(expected, dtype=torch.float32))
     if "kl" in terms:
         # the batch has annotated and unannotated samples: L1 and KL both active, each averaged over the batch

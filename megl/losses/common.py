@@ -111,8 +111,10 @@ def training_gradients(classifier: torch.nn.Module, out: Any, target: Tensor, sa
     log-probability. The logit's map shows only evidence *for* the class (after the ReLU); a network can keep
     reading a decoy through evidence *against* the other classes, which that map never shows. The log-probability
     map, ∂ log p_y/∂A = ∂z_y/∂A − Σ_c p_c ∂z_c/∂A, shows both (docs/recipe.md, "negative evidence")."""
-    if saliency_target == "logit":
-        return classifier.gradcam_gradients(out, target, create_graph=create_graph)
+    if saliency_target == "logit":  # the classifier's own Grad-CAM (create_graph is its default)
+        if create_graph:
+            return classifier.gradcam_gradients(out, target)
+        return classifier.gradcam_gradients(out, target, create_graph=False)
     if saliency_target != "log_prob":
         raise ValueError(f"saliency_target {saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}")
     from megl.ops import autograd_gradcam_gradients
