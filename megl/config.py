@@ -107,7 +107,7 @@ class Config:
     gradient_checkpointing: bool = False
     max_new_tokens: int = 32
 
-    # --- loss (DESIGN §1) and ablation switches (paper Table 4)
+    # --- loss (docs/methods.md) and ablation switches (paper Table 4)
     lambda_text: float = 0.1  # docs/recipe.md §2: its share of the classifier gradient, and the 10-class decoy run
     lambda_visual: float = 1.0
     kl_weight: float = 1.0  # the KL term's weight inside the visual term, relative to L1 (paper: 1)

@@ -305,7 +305,7 @@ def make_splits(cfg: SyntheticConfig | None = None, *, expand_train_rationales: 
 
 def write_dataset(splits: Union[SyntheticConfig, Mapping[str, ExplanationDataset]], root: str | Path, *,
                   overwrite: bool = False) -> Path:
-    """Export splits (or a SyntheticConfig, generated first) to the on-disk format of DESIGN.md §4:
+    """Export splits (or a SyntheticConfig, generated first) to the on-disk format of docs/data-format.md:
 
         <root>/exp_annotation.json   {id: {class_id, ans, image_path, visual_exp, exp, split}}
         <root>/images/<id>.png       lossless, so the loader returns the same pixels

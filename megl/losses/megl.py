@@ -1,4 +1,4 @@
-"""MEGL's objective (DESIGN §1) and the CE-only baseline.
+"""MEGL's objective (docs/methods.md) and the CE-only baseline.
 
     L = CE + λ_text·L_text + λ_vis·[1_V·L1(Â, A) + w_KL·(1 − 1_V)·KL(Â ‖ Ā)]
 
