@@ -131,7 +131,8 @@ def test_training_overlays_stay_inside_the_run(tmp_path):
 
     records = [ImageRecord(id=i, label=0, references=["r"]) for i in ("../../escape", "a/b", "ok")]
     ds = ExplanationDataset(records, ["c"], 8, images=torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
-    model = SimpleNamespace(explain=lambda x: (None, SimpleNamespace(saliency=torch.rand(x.shape[0], 8, 8))))
+    model = SimpleNamespace(classifier=SimpleNamespace(has_gradcam=True),
+                            explain=lambda x: (None, SimpleNamespace(saliency=torch.rand(x.shape[0], 8, 8))))
     write_overlays(model, ds, tmp_path / "run", 3, "cpu")
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
     assert len(written) == 3 and all(p.parts[:2] == ("run", "overlays") and len(p.parts) == 3 for p in written)

@@ -10,9 +10,9 @@ from megl.models import pretrain as P
 from megl.models import standins
 from megl.runs import make_splits
 
-SMALL = dict(image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
+SMALL = dict(clip_model="tiny", llm="tiny", image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,
              max_new_tokens=6, synthetic={"n_train": 64, "n_val": 32, "n_test": 8, "num_classes": 4,
-                                          "mask_fraction": 0.5})
+                                          "mask_fraction": 0.5})  # "tiny": the pretrained stand-ins (opt-in)
 
 
 @pytest.fixture(autouse=True)
