@@ -71,7 +71,7 @@ def test_a_run_config_with_an_unknown_key_names_the_file(tmp_path):
 def test_train_cli_refuses_before_writing_anything(tmp_path, pair):
     from megl.train import main
 
-    with pytest.raises(SystemExit, match=f"^megl.train: error: .*--set") as e:
+    with pytest.raises(SystemExit, match="^megl.train: error: .*--set") as e:
         main(["--out", str(tmp_path / "run"), "--set", pair])
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 

@@ -24,8 +24,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from megl.config import EMBEDDED, TINY_RANDOM
+from megl.config import EMBEDDED
 
+from .checkpoint import checkpoint_state, load_checkpoint_state
 from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
 from .llm import build_llm
 from .sdtg import IGNORE, greedy_generate
@@ -226,21 +227,11 @@ class LLMClassifier(nn.Module):
         }
 
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """Trainable weights, buffers and frozen weights that cannot be reloaded from a file (tiny-random CLIP / LLM;
-        the pretrained stand-ins live in <run>/standins/)."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        skip = ("clip_encoder.",) if self.config.clip_model != TINY_RANDOM else ()
-        real_llm = self.config.llm != TINY_RANDOM
-        return {n: t for n, t in self.state_dict().items()
-                if not n.startswith(skip) and not (real_llm and n.startswith("llm.") and n not in trainable)}
+        """What a run stores (megl.models.checkpoint): trainable tensors, buffers, frozen weights no file holds."""
+        return checkpoint_state(self, self.config)
 
     def load_checkpoint_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = set(self.checkpoint_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the {self.mode} model built from config.json: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
-        self.load_state_dict(state, strict=False)
+        load_checkpoint_state(self, state, f"{self.mode} model")
 
 
 def build_llm_classifier(config, class_names: Sequence[str], tokenizer=None, device="cpu",

@@ -7,9 +7,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from megl.config import EMBEDDED, TINY_RANDOM
+from megl.config import EMBEDDED
 from megl.ops import SaliencyOutput, fused_saliency
 
+from .checkpoint import checkpoint_state, load_checkpoint_state
 from .classifier import Classifier, ClassifierOutput, build_classifier
 from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
 from .llm import build_llm
@@ -139,35 +140,12 @@ class MEGLModel(nn.Module):
         assert not any(p.requires_grad for p in self.clip_encoder.parameters()), "CLIP must stay frozen"
         return groups
 
-    def _external_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of frozen weights that come from files (local checkpoints, or the pretrained
-        stand-ins in <run>/standins/), so the checkpoint does not store them."""
-        out = []
-        if self.config.clip_model != TINY_RANDOM:
-            out.append("clip_encoder.")
-        return tuple(out)
-
     def checkpoint_state_dict(self) -> dict[str, Tensor]:
-        """What a run stores: everything trainable, all buffers, and frozen weights not loadable from a file."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        external = self._external_prefixes()
-        real_llm = self.config.llm != TINY_RANDOM
-        out = {}
-        for name, t in self.state_dict().items():
-            if name.startswith(external):
-                continue
-            if real_llm and name.startswith("llm.") and name not in trainable:
-                continue
-            out[name] = t
-        return out
+        """What a run stores (megl.models.checkpoint): trainable tensors, buffers, frozen weights no file holds."""
+        return checkpoint_state(self, self.config)
 
     def load_checkpoint_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = set(self.checkpoint_state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model built from config.json: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
-        self.load_state_dict(state, strict=False)
+        load_checkpoint_state(self, state)
 
 
 def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu",
