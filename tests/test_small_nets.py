@@ -86,7 +86,7 @@ def test_contextual_decomposition_sums_to_the_logits(backbone):
 
 @pytest.fixture(scope="module")
 def decoy_root(tmp_path_factory):
-    from tests.test_decoy_mnist import write_mnist
+    from test_decoy_mnist import write_mnist  # tests/ is on sys.path (pytest prepends it)
     from megl.data.convert import main as convert
 
     tmp = tmp_path_factory.mktemp("decoy")
