@@ -319,21 +319,21 @@ def _stats(ann: dict, n_classes: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- VQA-X
+def _by_question_id(paths: Optional[list[str]], key: str) -> dict:
+    """The records of VQA v2 files ({"questions": [...]} or {"annotations": [...]}) by question id."""
+    out = {}
+    for path in paths or []:
+        data = _load_json(Path(path), f"--{key}")
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise ConvertError(f"--{key} {path} must be a VQA v2 {key[:-1]} file {{\"{key}\": [...]}}")
+        for r in data[key]:
+            out[str(r["question_id"])] = r
+    return out
+
+
 def convert_vqax(args) -> dict:
     exps = _named(args.exp)
-    questions, answers = {}, {}
-    for path in args.questions or []:
-        data = _load_json(Path(path), "--questions")
-        if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-            raise ConvertError(f"--questions {path} must be a VQA v2 question file {{\"questions\": [...]}}")
-        for q in data["questions"]:
-            questions[str(q["question_id"])] = q
-    for path in args.annotations or []:
-        data = _load_json(Path(path), "--annotations")
-        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-            raise ConvertError(f"--annotations {path} must be a VQA v2 annotation file {{\"annotations\": [...]}}")
-        for a in data["annotations"]:
-            answers[str(a["question_id"])] = a
+    questions, answers = _by_question_id(args.questions, "questions"), _by_question_id(args.annotations, "annotations")
     images = _ImageFinder([Path(d) for d in args.images])
     masks = _MaskFinder([Path(d) for d in args.visual or []])
     types = {t.strip() for t in args.answer_types.split(",") if t.strip()}
