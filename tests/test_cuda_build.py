@@ -123,7 +123,8 @@ def test_visible_gpus_parses_nvidia_smi():
 
 
 def run_setup(tmp_path, **env):
-    environ = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST")}
+    environ = {k: v for k, v in os.environ.items()  # CI exports MEGL_REQUIRE_CUDA=1: each test sets its own
+               if k not in ("CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "MEGL_REQUIRE_CUDA", "MEGL_SKIP_CUDA")}
     environ.update(env)
     return subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "tmp"),
                            "--build-lib", str(tmp_path / "lib")], cwd=ROOT, env=environ, capture_output=True,
