@@ -9,3 +9,17 @@ if "MEGL_CACHE" not in os.environ:
     import tempfile
 
     os.environ["MEGL_CACHE"] = tempfile.mkdtemp(prefix="megl-test-cache-")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """The CPU is shared: tiny problems run fastest single-threaded (restores torch's thread count after)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -364,15 +364,6 @@ def toy_batch(n=16, seed=0):
     return {"image": image, "label": label, "mask": mask, "has_mask": has_mask}
 
 
-@pytest.fixture
-def one_thread():
-    """The CPU is shared: these tiny problems are fastest single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("method", ["gradia", "haics", "res-g", "res-l", "rrr", "cdep"])
 def test_each_loss_decreases_on_a_tiny_problem(method, one_thread):
     """Start from a CE-only model (it uses the decoy and ignores the masks), then train with the method: its

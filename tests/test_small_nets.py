@@ -16,14 +16,6 @@ DT = torch.float64
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("size,channels,layer,grid", [(28, 1, "conv2", 8), (36, 3, "conv2", 12), (28, 1, "conv1", 24)])
 def test_cnn_gradcam_matches_autograd_and_captum(size, channels, layer, grid):
     from captum.attr import LayerGradCam
