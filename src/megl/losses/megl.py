@@ -11,6 +11,8 @@ use_visual (the L1 term), use_consistency (the KL term), use_text (SDTG's L_text
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,35 @@ def baseline_loss(model, batch, prior, config) -> dict:
     out = model.classifier(batch["image"])
     ce = F.cross_entropy(out.logits, batch["label"])
     return {"total": ce, "ce": ce.detach(), PARTS: {"ce": ce}}
+
+
+def remove_object(image: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """I ⊙ (1 − A) + c ⊙ A: the annotated region painted over with the batch's mean colour c, so what is left
+    (background, decoys) is all the classifier can read. c is shared by the batch: a per-image fill would carry
+    that image's decoy colour into the painted region."""
+    keep = (1 - mask.to(image.dtype)).unsqueeze(1)  # (B, 1, H, W)
+    if fill is None:
+        fill = batch_colour(image)
+    return image * keep + fill * (1 - keep)
+
+
+def batch_colour(image: torch.Tensor) -> torch.Tensor:
+    return image.detach().mean((0, 2, 3), keepdim=True)
+
+
+def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the annotated samples of KL(uniform ‖ p(y | object removed)); 0 when none is annotated.
+
+    A decoy outside the object is then evidence for no class: the counterfactual the mask itself defines.
+    Grad-CAM terms cannot ask for this, because a cell over the object may read a decoy through its receptive
+    field (docs/recipe.md §4)."""
+    if not bool(has_mask.any()):
+        return image.new_zeros(())
+    idx = has_mask.nonzero().squeeze(1)
+    logits = classifier(remove_object(image[idx], mask[idx], batch_colour(image))).logits
+    logp = F.log_softmax(logits.float(), dim=1)
+    kl = -logp.mean(1) - torch.log(torch.tensor(float(logits.shape[1]), device=logp.device))
+    return kl.mean()
 
 
 def megl_loss(model, batch, prior, config) -> dict:
@@ -36,6 +67,12 @@ def megl_loss(model, batch, prior, config) -> dict:
         raise ValueError("megl_loss: the consistency (KL) term needs the prior Ā: pass "
                          "megl.data.mean_mask_prior(train_split), or set use_consistency=False")
     use_text = config.use_text and config.lambda_text != 0
+    lambda_bg = getattr(config, "lambda_background", 0.0)
+    if lambda_bg:
+        bg = background_loss(model.classifier, image, batch["mask"], batch["has_mask"])
+        parts["background"] = lambda_bg * bg
+        total = total + parts["background"]
+        terms["background"] = bg.detach()
     if not (use_visual or use_consistency or use_text):
         return {"total": total, **terms, PARTS: parts}
     sal = model.gradcam(out, image, label, batch["mask"], batch["has_mask"], prior if use_consistency else None)
