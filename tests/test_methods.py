@@ -275,6 +275,27 @@ def test_cd_relu_and_maxpool_rules():
     assert pr.item() == 1.0 and pi.item() == 4.0
 
 
+def test_cd_symmetric_relu_splits_interactions_and_sums():
+    r, i = cd_relu(torch.tensor([-1.0, 2.0]), torch.tensor([3.0, -1.0]), "symmetric")
+    # [-1, 3]: relu(2) = 2 split as ½(relu(-1) + 2 − relu(3)) = −0.5 and 2.5; [2, -1]: ½(2 + 1 − 0) = 1.5, −0.5
+    assert r.tolist() == [-0.5, 1.5] and i.tolist() == [2.5, -0.5]
+
+
+def test_cdep_centred_score_ignores_a_common_logit_shift():
+    # the reference share can be met by raising every logit's γ (the measured failure on DecoyMNIST's mlp);
+    # the centred score only sees what the group does to the logits' differences
+    rel, irrel = torch.tensor([[1.0, -1.0, 0.0]], dtype=DT), torch.zeros(1, 3, dtype=DT)
+    has = torch.tensor([True])
+    assert cdep_penalty(rel, irrel + 20, has).item() < 1e-8 < cdep_penalty(rel, irrel, has).item()
+    centred = cdep_penalty(rel, irrel, has, "centred_l1").item()
+    assert centred == pytest.approx(2 / 3)
+    assert cdep_penalty(rel + 5, irrel + 20, has, "centred_l1").item() == pytest.approx(centred)
+    with pytest.raises(ValueError, match="cdep_score"):
+        cdep_loss(nn.Sequential(), {"image": torch.zeros(1, 3, 4, 4), "label": torch.zeros(1, dtype=torch.long),
+                                    "mask": torch.ones(1, 4, 4), "has_mask": torch.ones(1, dtype=torch.bool)},
+                  None, {"method_args": {"cdep_score": "l2"}})
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_cd_sums_to_resnet18_logits(train):
     from torchvision.models import resnet18

@@ -22,6 +22,10 @@ Batch norm uses the statistics the module itself uses: running statistics in eva
 batch statistics of β + γ — which are those of the real forward pass, so the decomposition still sums to the
 logits. (The reference puts the model in eval mode; its networks have no batch norm on the CD path.)
 
+Two options exist for diagnosis (docs/decoy_mnist.md), both off by default: `cdep_score="centred_l1"` penalises
+mean |β_c − mean_c β| instead of the share, which the reference loss lets a network meet by raising every logit
+(measured: +16 on DecoyMNIST's mlp); `cdep_relu="symmetric"` splits relu(β + γ) by the two-player Shapley rule.
+
 Default λ = 10: the CDEP code's ISIC (skin-cancer image) sweep uses regularizer_rate ∈ {10, 100}; the EGL survey's
 image re-run tried {0, 0.1, 10}. CD rules exist for CNNs only: a ViT backbone raises a clear error.
 """
@@ -36,7 +40,9 @@ from torch import Tensor
 
 from .common import check_batch, classifier_of, cross_entropy, hparam, result, upcast
 
-DEFAULTS = {"cdep_lambda": 10.0}
+DEFAULTS = {"cdep_lambda": 10.0, "cdep_relu": "reference", "cdep_score": "share"}
+RELU_RULES = ("reference", "symmetric")
+SCORES = ("share", "centred_l1")
 STAB = 1e-19  # the reference's stabilizing_constant (10e-20)
 
 try:  # torchvision blocks, if available
@@ -93,9 +99,16 @@ def cd_batchnorm(rel: Tensor, irrel: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor
     return _split_bias(rel * view(scale), irrel * view(scale), view(shift))
 
 
-def cd_relu(rel: Tensor, irrel: Tensor) -> tuple[Tensor, Tensor]:
+def cd_relu(rel: Tensor, irrel: Tensor, rule: str = "reference") -> tuple[Tensor, Tensor]:
+    """reference: β' = relu(β), so the group's interactions with the rest (e.g. a swatch that switches a digit
+    unit off) all go to γ. symmetric: the two-player Shapley split of relu(β + γ), which charges half of each
+    interaction to each part."""
+    full = F.relu(rel + irrel)
+    if rule == "symmetric":
+        r = 0.5 * (F.relu(rel) + full - F.relu(irrel))
+        return r, full - r
     r = F.relu(rel)
-    return r, F.relu(rel + irrel) - r
+    return r, full - r
 
 
 def cd_maxpool(rel: Tensor, irrel: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor, Tensor]:
@@ -106,29 +119,29 @@ def cd_maxpool(rel: Tensor, irrel: Tensor, pool: nn.MaxPool2d) -> tuple[Tensor, 
     return take(rel), take(irrel)
 
 
-def cd_block(rel: Tensor, irrel: Tensor, block: nn.Module) -> tuple[Tensor, Tensor]:
+def cd_block(rel: Tensor, irrel: Tensor, block: nn.Module, rule: str = "reference") -> tuple[Tensor, Tensor]:
     """torchvision BasicBlock / Bottleneck: relu(main(x) + shortcut(x)) propagated part by part."""
     if isinstance(block, BasicBlock):
         r, i = cd_module(block.conv1, rel, irrel)
         r, i = cd_batchnorm(r, i, block.bn1)
-        r, i = cd_relu(r, i)
+        r, i = cd_relu(r, i, rule)
         r, i = cd_module(block.conv2, r, i)
         r, i = cd_batchnorm(r, i, block.bn2)
     else:
         r, i = cd_module(block.conv1, rel, irrel)
-        r, i = cd_relu(*cd_batchnorm(r, i, block.bn1))
+        r, i = cd_relu(*cd_batchnorm(r, i, block.bn1), rule)
         r, i = cd_module(block.conv2, r, i)
-        r, i = cd_relu(*cd_batchnorm(r, i, block.bn2))
+        r, i = cd_relu(*cd_batchnorm(r, i, block.bn2), rule)
         r, i = cd_module(block.conv3, r, i)
         r, i = cd_batchnorm(r, i, block.bn3)
     if block.downsample is not None:
         sr, si = cd_module(block.downsample, rel, irrel)
     else:
         sr, si = rel, irrel
-    return cd_relu(r + sr, i + si)
+    return cd_relu(r + sr, i + si, rule)
 
 
-def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Tensor]:
+def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor, rule: str = "reference") -> tuple[Tensor, Tensor]:
     """Propagate (rel, irrel) through `module` with the CD rules; raises CDUnsupported for unknown layers."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         if isinstance(module, nn.Linear) and rel.dim() > 2:
@@ -137,7 +150,7 @@ def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Te
     if isinstance(module, nn.BatchNorm2d):
         return cd_batchnorm(rel, irrel, module)
     if isinstance(module, nn.ReLU):
-        return cd_relu(rel, irrel)
+        return cd_relu(rel, irrel, rule)
     if isinstance(module, nn.MaxPool2d):
         return cd_maxpool(rel, irrel, module)
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
@@ -150,14 +163,14 @@ def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Te
         keep = module(torch.ones_like(rel))
         return rel * keep, irrel * keep
     if BasicBlock and isinstance(module, (BasicBlock, Bottleneck)):
-        return cd_block(rel, irrel, module)
+        return cd_block(rel, irrel, module, rule)
     if ResNet and isinstance(module, ResNet):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
-            rel, irrel = cd_module(getattr(module, name), rel, irrel)
-        return cd_module(module.fc, rel.flatten(1), irrel.flatten(1))
+            rel, irrel = cd_module(getattr(module, name), rel, irrel, rule)
+        return cd_module(module.fc, rel.flatten(1), irrel.flatten(1), rule)
     if isinstance(module, nn.Sequential):
         for child in module:
-            rel, irrel = cd_module(child, rel, irrel)
+            rel, irrel = cd_module(child, rel, irrel, rule)
         return rel, irrel
     raise CDUnsupported(
         f"cdep: no contextual-decomposition rule for {type(module).__name__}; CDEP is implemented for CNNs built from "
@@ -166,7 +179,8 @@ def cd_module(module: nn.Module, rel: Tensor, irrel: Tensor) -> tuple[Tensor, Te
     )
 
 
-def contextual_decomposition(net: nn.Module, x: Tensor, blob: Tensor) -> tuple[Tensor, Tensor]:
+def contextual_decomposition(net: nn.Module, x: Tensor, blob: Tensor,
+                             relu_rule: str = "reference") -> tuple[Tensor, Tensor]:
     """CD scores of the feature group `blob` for network `net` on input x: (β, γ) with β + γ = net(x).
 
     x: (B, C, H, W) the network's input (normalised image); blob: (B, H, W) or (B, 1, H, W) in [0, 1].
@@ -174,14 +188,19 @@ def contextual_decomposition(net: nn.Module, x: Tensor, blob: Tensor) -> tuple[T
     if blob.dim() == 3:
         blob = blob.unsqueeze(1)
     blob = blob.to(x.dtype)
-    return cd_module(net, blob * x, (1.0 - blob) * x)
+    return cd_module(net, blob * x, (1.0 - blob) * x, relu_rule)
 
 
-def cdep_penalty(rel: Tensor, irrel: Tensor, has_mask: Tensor) -> Tensor:
-    """mean over annotated samples and classes of softmax([rel, irrel])[0] (the penalised group's share)."""
+def cdep_penalty(rel: Tensor, irrel: Tensor, has_mask: Tensor, score: str = "share") -> Tensor:
+    """share: mean over annotated samples and classes of softmax([rel, irrel])[0] (the penalised group's share, as
+    the reference code). centred_l1: mean |β_c − mean_c β| — the group's effect on the logits' differences, which
+    is all the decision sees; unlike the share it cannot be met by moving every logit by the same amount."""
     has_mask = has_mask.bool()
     if not bool(has_mask.any()):
         return rel.sum() * 0.0
+    if score == "centred_l1":
+        r = upcast(rel[has_mask])
+        return (r - r.mean(dim=1, keepdim=True)).abs().mean()
     share = torch.softmax(upcast(torch.stack((rel[has_mask], irrel[has_mask]), dim=-1)), dim=-1)[..., 0]
     return share.mean()
 
@@ -215,6 +234,10 @@ def _resnet_and_input(clf: nn.Module, image: Tensor) -> tuple[nn.Module, Tensor]
 def cdep_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
               config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "cdep")
+    rule, score = str(hparam(config, "cdep_relu", "reference")), str(hparam(config, "cdep_score", "share"))
+    if rule not in RELU_RULES or score not in SCORES:
+        raise ValueError(f"cdep: cdep_relu must be one of {', '.join(RELU_RULES)} and cdep_score one of "
+                         f"{', '.join(SCORES)}; got {rule!r}, {score!r} (--set method_args.cdep_relu=...)")
     clf = classifier_of(model, "cdep")
     net, x = _resnet_and_input(clf, batch["image"])  # fails fast for ViT, before any forward pass
     out = clf(batch["image"])
@@ -223,8 +246,8 @@ def cdep_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = Non
     if bool(has_mask.any()):
         # CD on the whole batch: in train mode its batch-norm statistics then equal those of the real forward
         blob = (1.0 - batch["mask"].to(x.dtype)) * has_mask[:, None, None].to(x.dtype)
-        rel, irrel = contextual_decomposition(net, x, blob)
-        penalty = cdep_penalty(rel, irrel, has_mask)
+        rel, irrel = contextual_decomposition(net, x, blob, rule)
+        penalty = cdep_penalty(rel, irrel, has_mask, score)
     else:
         penalty = out.logits.sum() * 0.0
     return result(ce, penalty, float(hparam(config, "cdep_lambda", DEFAULTS["cdep_lambda"])))
