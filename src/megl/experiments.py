@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megl.config import EMBEDDED, STORY_DATA, Config, apply_overrides
+from megl.tables import markdown_table
 
 VISUAL_METHODS = ("baseline", "cdep", "haics", "res-g", "res-l", "gradia", "rrr", "megl")
 LLM_METHODS = ("llava", "ft-cot")
@@ -295,11 +296,6 @@ def cell(ms: tuple[Optional[float], Optional[float]], none: str = "-") -> str:
     return f"{m:.4f}" if sd is None else f"{m:.4f} ± {sd:.4f}"
 
 
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def table2_markdown(results: dict, backbones: Sequence[str], methods: Sequence[str], dataset: str) -> str:
     """results: {(backbone or None, method): [payload per seed]}."""
     rows, t3_rows, beats, notes = [], [], [], []
@@ -338,10 +334,10 @@ def table2_markdown(results: dict, backbones: Sequence[str], methods: Sequence[s
         beats.append(f"- {BACKBONE_NAMES.get(bb, bb)} (plain classifier accuracy {base['accuracy'][0]:.4f}): "
                      + (", ".join(better) if better else "none"))
     parts = [f"**Table 2. Classification and visual explainability ({dataset}, test split)**",
-             _md(["Backbone", "Method", "Accuracy", "Precision", "Recall", "F1 Score", "mIoU"], rows)]
+             markdown_table(["Backbone", "Method", "Accuracy", "Precision", "Recall", "F1 Score", "mIoU"], rows)]
     if t3_rows:
         parts += [f"**Table 3. Textual explanation quality ({dataset}, test split)**",
-                  _md(["Method", "CLIPScore", "B4", "M", "R", "S", "C"], t3_rows)]
+                  markdown_table(["Method", "CLIPScore", "B4", "M", "R", "S", "C"], t3_rows)]
     if any(r[5] == "n/a" for r in t3_rows):
         notes.append("S (SPICE) n/a: pycocoevalcap's SPICE needs the Stanford CoreNLP 3.6.0 jars "
                      "(`python -m pycocoevalcap.spice.get_stanford_models`, needs internet once).")
@@ -368,7 +364,7 @@ def table4_markdown(results: dict, backbones: Sequence[str], ablations: Sequence
     return (f"**Table 4. Ablation study ({dataset}, test split)** Visual: L1 to the human masks; Text: SDTG's "
             "rationale loss; MEGL adds the visual explanation distribution consistency (KL to the mean mask). "
             "Performance change: accuracy difference to full MEGL, in percentage points.\n\n"
-            + _md(["Backbone", "Modules", "Accuracy", "Performance Change"], rows) + "\n")
+            + markdown_table(["Backbone", "Modules", "Accuracy", "Performance Change"], rows) + "\n")
 
 
 def settings_note(base: dict, seeds: Sequence[int], quick: bool) -> str:

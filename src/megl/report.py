@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megl.tables import markdown_table
+
 BACKBONE_NAMES = {"resnet18": "ResNet18", "vit_b_16": "ViT-B/16"}
 METHOD_NAMES = {"baseline": "-", "megl": "MEGL", "gradia": "GRADIA", "haics": "HAICS", "res-g": "RES-G",
                 "res-l": "RES-L", "rrr": "RRR", "cdep": "CDEP"}
@@ -35,12 +37,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{float(value):.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def display_backbone(name: str) -> str:
     return BACKBONE_NAMES.get(name, name)
 
@@ -55,7 +51,7 @@ def table2(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
     body = [[display_backbone(r.get("backbone", "")), display_method(r.get("method", ""))]
             + [fmt(r.get(k)) for k, _ in TABLE2_COLUMNS] for r in rows]
     title = "Table 2. Classification and visual explainability" + (f" ({dataset})" if dataset else "")
-    return f"**{title}**\n\n" + _markdown(header, body)
+    return f"**{title}**\n\n" + markdown_table(header, body)
 
 
 def table3(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
@@ -64,14 +60,14 @@ def table3(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
     header = ["Method"] + [title for _, title in TABLE3_COLUMNS]
     body = [[r.get("method", "")] + [fmt(r.get(k)) for k, _ in TABLE3_COLUMNS] for r in rows]
     title = "Table 3. Textual explanation quality" + (f" ({dataset})" if dataset else "")
-    return f"**{title}**\n\n" + _markdown(header, body)
+    return f"**{title}**\n\n" + markdown_table(header, body)
 
 
 def extra_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Beyond the paper: pixel precision/recall/F1 of the saliency (survey §5.1.5), faithfulness (§2.2.1)."""
     header = ["Method"] + [title for _, title in EXTRA_COLUMNS]
     body = [[r.get("method", "")] + [fmt(r.get(k)) for k, _ in EXTRA_COLUMNS] for r in rows]
-    return "**Explanation details (beyond the paper)**\n\n" + _markdown(header, body)
+    return "**Explanation details (beyond the paper)**\n\n" + markdown_table(header, body)
 
 
 def rows_from_metrics(metrics: Mapping[str, Any], backbone: str, method: str) -> tuple[dict, dict]:
