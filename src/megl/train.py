@@ -152,7 +152,7 @@ def _predict_and_iou(model, batch: dict, ious: list) -> torch.Tensor:
 def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     from megl.data import collate
     from megl.files import safe_stem
-    from megl.predict import save_panel
+    from megl.overlays import save_panel
 
     ds = split.expanded(False)
     if n <= 0 or len(ds) == 0 or not model.classifier.has_gradcam:
