@@ -483,7 +483,7 @@ def test_llm_classifier_trains_on_answers_only(mode, tiny_llm_setup, one_thread)
     V = model.visual_tokens(batch["image"])
     answers = model.answers_for(batch["label"], batch["rationale"])
     assert answers[0] == answer_text(mode, names[int(batch["label"][0])], batch["rationale"][0])
-    _, _, labels = model._sequences(V, answers)
+    _, _, labels = model.prompts.training_batch(model.llm.get_input_embeddings(), V, None, answers)
     assert sum(x != -100 for x in labels[0]) == len(tok(" " + answers[0], add_special_tokens=False)["input_ids"]) + 1
     groups = model.parameter_groups()
     assert groups["projector"] and groups["lora"]
