@@ -55,12 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args(argv)
-    from megl.runs import check_device, load_run
+    from megl.runs import check_device, load_run, require_saliency
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         ap.error(f"image file(s) not found: {', '.join(missing)}")
     check_device(args.device)
+    require_saliency(args.run, "megl.predict")
     run = load_run(args.run, device=args.device)
     out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
     for r in predict(run, args.images, out_dir, args.device, args.max_new_tokens):

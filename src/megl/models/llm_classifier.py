@@ -218,18 +218,13 @@ def _method_loss(mode: str):
         if not isinstance(model, LLMClassifier) or model.mode != mode:
             raise TypeError(
                 f"method {mode!r} trains an LLMClassifier built by megl.models.llm_classifier.build_llm_classifier "
-                f"(get_method({mode!r}).build_model), got {type(model).__name__}"
+                f"(megl.methods.get_method({mode!r}).resolve('build_model')), got {type(model).__name__}"
                 + (f" in mode {model.mode!r}" if isinstance(model, LLMClassifier) else "")
             )
         return model.loss(batch, prior)
 
     loss.__name__ = loss.__qualname__ = f"{mode.replace('-', '_')}_loss"
     loss.__doc__ = f"The {mode} objective: NLL of the answer tokens (registry signature; the model does the work)."
-    def build_model(config, class_names, tokenizer=None, device="cpu", standins=None) -> LLMClassifier:
-        return build_llm_classifier(config, class_names, tokenizer, device, mode, standins)
-
-    loss.build_model = build_model  # type: ignore[attr-defined]
-    loss.model_kind = "llm"  # type: ignore[attr-defined]  # predictions come from model.predict, no saliency
     return loss
 
 

@@ -115,7 +115,7 @@ class MEGLModel(nn.Module):
              method: Optional[str] = None) -> dict[str, Tensor]:
         """Loss terms of `method` (default config.method) via megl.losses; `lambdas` overrides config fields
         such as {"lambda_text": 0.0}."""
-        from megl.losses import get_method
+        from megl.methods import get_method
 
         config = self.config
         if lambdas:
@@ -165,9 +165,9 @@ def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu"
         model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
         if "W_A" in standins:  # the projector the LLM stand-in was pretrained to read CLIP with (LLaVA stage 1)
             model.sdtg.W_A.load_state_dict(standins["W_A"])
-        from megl.losses import get_method
+        from megl.methods import get_method
 
-        setup = getattr(get_method(config.method), "setup", None)  # e.g. RES-L adds its learnable imputation
+        setup = get_method(config.method).resolve("setup")  # e.g. RES-L adds its learnable imputation
         if setup is not None:
             setup(model, config)
     if device.type == "cuda":
