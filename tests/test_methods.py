@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megl.losses import get_method
 from megl.losses.cdep import (
     CDUnsupported, cd_maxpool, cd_module, cd_relu, cdep_loss, cdep_penalty, contextual_decomposition,
 )
@@ -21,6 +20,7 @@ from megl.losses.res import (
     ResImputation, bf_threshold, gaussian_imputation, res_g_loss, res_l_loss, res_visual_loss, setup_res_l,
 )
 from megl.losses.rrr import rrr_loss, rrr_terms
+from megl.methods import get_method
 from megl.ops import gap_linear_gradcam_gradients
 
 DT = torch.float64
@@ -69,8 +69,8 @@ def fixed_case():
 def test_registry_resolves_every_comparison_method():
     for name, fn in [("gradia", gradia_loss), ("haics", haics_loss), ("res-g", res_g_loss), ("res-l", res_l_loss),
                      ("rrr", rrr_loss), ("cdep", cdep_loss)]:
-        assert get_method(name) is fn
-    assert get_method("res-l").setup is setup_res_l
+        assert get_method(name).resolve("loss") is fn
+    assert get_method("res-l").resolve("setup") is setup_res_l
 
 
 def test_hparam_lookup_order():
@@ -400,7 +400,7 @@ def test_each_loss_decreases_on_a_tiny_problem(method, one_thread):
         opt.step()
     fn = get_method(method)
     config = {"backend": "reference", "image_size": 8}
-    setup = getattr(fn, "setup", None)
+    setup = fn.resolve("setup")
     if setup is not None:
         setup(model, config)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -496,15 +496,16 @@ def test_llm_classifier_trains_on_answers_only(mode, tiny_llm_setup, one_thread)
     from megl.models.llm_classifier import LLMClassifier, answer_text, ft_cot_loss, llava_loss
 
     names, tok, batch = tiny_llm_setup
-    fn = {"llava": llava_loss, "ft-cot": ft_cot_loss}[mode]
+    fn = get_method(mode)
+    assert fn.kind == "llm" and fn.resolve("loss") is {"llava": llava_loss, "ft-cot": ft_cot_loss}[mode]
     config = _config(method=mode, clip_image_size=32)
-    model = fn.build_model(config, names, tok)
+    model = fn.resolve("build_model")(config, names, tok)
     assert isinstance(model, LLMClassifier) and model.mode == mode
     # labels cover exactly the answer tokens and </s>
     V = model.visual_tokens(batch["image"])
     answers = model.answers_for(batch["label"], batch["rationale"])
     assert answers[0] == answer_text(mode, names[int(batch["label"][0])], batch["rationale"][0])
-    _, _, labels = model._sequences(V, answers)
+    _, _, labels = model.prompts.training_batch(model.llm.get_input_embeddings(), V, None, answers)
     assert sum(x != -100 for x in labels[0]) == len(tok(" " + answers[0], add_special_tokens=False)["input_ids"]) + 1
     groups = model.parameter_groups()
     assert groups["projector"] and groups["lora"]

@@ -10,7 +10,8 @@ import torch
 from megl.config import Config
 from megl.data import collate, mean_mask_prior
 from megl.models import build_model, train_tokenizer
-from megl.models.sdtg import IGNORE, greedy_generate
+from megl.models.conversation import IGNORE_INDEX as IGNORE
+from megl.models.sdtg import greedy_generate
 from megl.runs import make_splits
 
 TINY = dict(clip_model="tiny-random", llm="tiny-random", image_size=32, clip_image_size=32, tiny_clip_width=32, tiny_llm_hidden=32, tokenizer_vocab_size=300,

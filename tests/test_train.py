@@ -117,6 +117,60 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+class _Crash(Exception):
+    """Stands for a kill: raised by the training loop right after it wrote a checkpoint."""
+
+
+@pytest.mark.parametrize("method", ["llava", "ft-cot"])
+def test_llm_method_trains_in_the_one_loop_and_resumes_exactly(tmp_path, monkeypatch, capsys, method, one_thread):
+    import megl.train as T
+    from megl.methods import get_method
+
+    def cli(out):
+        sets = [*TINY_SETS, "max_steps_per_epoch=2", "checkpoint_every=1", "max_new_tokens=6", "train_eval_size=4"]
+        return ["--method", method, "--out", str(out), "--no-progress", "--epochs", "2",
+                *[a for s in sets for a in ("--set", s)]]
+
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert main(cli(full)) == 0
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["test"]["miou"] is None for m in metrics)
+    assert not (full / "overlays").exists()  # no saliency to draw
+    state, _, _, train_state = runs.load_checkpoint(full)
+    assert train_state["global_step"] == 4
+    config = runs.load_config(full)
+    init = get_method(method).resolve("build_model")(config, ["a", "b", "c"], runs.load_run_tokenizer(full, config))
+    init = init.checkpoint_state_dict()
+    assert _changed(state["projector.0.weight"], init["projector.0.weight"])
+    run = runs.load_run(full)  # rebuilt through the registry: the LLM classifier, scored as training scored it
+    assert evaluate(run.model, run.splits["test"], run.config, Dist("cpu")) == metrics[-1]["test"]
+    from megl.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit, match="LLM classifier.*megl.experiments table2 --methods"):
+        evaluate_main(["--run", str(full)])
+    # stop right after the checkpoint of step 3 (mid epoch 2), then resume as after a kill
+    saves, save = [], T.save_state
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 3:
+            raise _Crash
+
+    monkeypatch.setattr(T, "save_state", save_then_crash)
+    with pytest.raises(_Crash):
+        main(cli(crashed))
+    monkeypatch.setattr(T, "save_state", save)
+    assert len(json.loads((crashed / "metrics.json").read_text())) == 1
+    capsys.readouterr()
+    assert main(["--resume", str(crashed), "--no-progress"]) == 0
+    assert "at epoch 1 step 1" in capsys.readouterr().err  # continued mid-epoch, not restarted
+    untimed = lambda entries: [{k: v for k, v in e.items() if k != "train_seconds"} for e in entries]  # noqa: E731
+    assert untimed(json.loads((crashed / "metrics.json").read_text())) == untimed(metrics)
+    resumed = runs.load_checkpoint(crashed)[0]
+    assert resumed.keys() == state.keys() and all(torch.equal(resumed[k], state[k]) for k in state)
+
+
 def test_torchrun_two_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -17,7 +17,9 @@ import argparse
 import json
 import sys
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Optional
+
+from megl.tables import markdown_table
 
 STATS = ("median", "mean", "min")
 SUITES = ("table5", "explained", "kernel", "peers", "train_step", "gradcam_train", "gradcam_map")
@@ -52,12 +54,6 @@ def fmt_params(n: Optional[int]) -> str:
     if n is None:
         return "—"
     return f"{n / 1e6:.1f}M"
-
-
-def table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
@@ -148,7 +144,7 @@ def table5(rows: list[Row]) -> str:
         batch = rs[0].get("batch", 1)
         head = dict(rs[0], dtype=" + ".join(dtypes))
         out.append(f"### Table 5 — {_setting(head, f'batch {batch}')}\n")
-        out.append(table(["Model", "Parameters", "Latency (ms)", "FPS", "Speedup"], body))
+        out.append(markdown_table(["Model", "Parameters", "Latency (ms)", "FPS", "Speedup"], body))
         notes = []
         if ref is None:
             tiny = [r for r in rs if r.get("model") == "llava-1.5-7b"]
@@ -188,7 +184,7 @@ def explained_table(rows: list[Row]) -> str:
                          fmt_rate(ratio(batch, tc)), fmt_rate(ratio(batch, te))])
         batch = grp[0].get("batch", 1)
         out.append(f"### Explained inference — {_setting(grp[0], f'batch {batch}')}\n")
-        out.append(table(["Model", "Implementation", "Classifier (ms)", "Classifier + saliency (ms)", "Overhead", "FPS", "FPS explained"], body))
+        out.append(markdown_table(["Model", "Implementation", "Classifier (ms)", "Classifier + saliency (ms)", "Overhead", "FPS", "FPS explained"], body))
         out.append("")
     return "\n".join(out)
 
@@ -243,7 +239,7 @@ def kernel_table(rows: list[Row]) -> str:
         if cuda:
             header.append("GB/s fwd / fwd+bwd (% of peak)")
         out.append(f"### Fused saliency kernel — {_setting(grp[0], key[2])}\n")
-        out.append(table(header, body))
+        out.append(markdown_table(header, body))
         if cuda:
             src = next((r.get("peak_bandwidth_source") for r in grp if r.get("peak_bandwidth_source")), "")
             out.append(f"\nPeak bandwidth: {peak / 1e12:.2f} TB/s ({src}). " if peak else "\nPeak bandwidth unknown for this card. ")
@@ -274,7 +270,7 @@ def peers_table(rows: list[Row]) -> str:
                  fmt_ratio(ratio(r["seconds"], base))] for r in grp]
         what = f"{grp[0].get('model', 'resnet18')}, batch {key[2]}, {key[3]} px"
         out.append(f"### Grad-CAM maps: megl vs pytorch-grad-cam and Captum — {_setting(grp[0], what)}\n")
-        out.append(table(["Method", "Latency (ms)", "Maps/s", "Time vs megl closed form"], body))
+        out.append(markdown_table(["Method", "Latency (ms)", "Maps/s", "Time vs megl closed form"], body))
         out.append("")
     return "\n".join(out)
 
@@ -295,7 +291,7 @@ def train_table(rows: list[Row]) -> str:
                  fmt_ratio(ratio(r["seconds"], t.get("ce"))), fmt_ratio(ratio(r["seconds"], t.get("explanation-guided")))]
                 for r in grp]
         out.append(f"### Training step — {_setting(grp[0], f'{key[2]}, batch {key[3]}, {key[4]} px')}\n")
-        out.append(table(["Step", "Latency (ms)", "Steps/s", "× CE step", "× explanation-guided step"], body))
+        out.append(markdown_table(["Step", "Latency (ms)", "Steps/s", "× CE step", "× explanation-guided step"], body))
         out.append("")
     return "\n".join(out)
 
@@ -322,7 +318,7 @@ def gradcam_table(rows: list[Row]) -> str:
     r0 = (train + maps)[0]
     what = f"batch {r0.get('batch')}, {r0.get('image_size')} px"
     return (f"### megl.GradCAM on torchvision models — {_setting(r0, what)}\n\n"
-            + table(["Model", "Path", "fwd+bwd (ms)", "GradCAM fwd+bwd (ms)", "× fwd+bwd", "megl map (ms)",
+            + markdown_table(["Model", "Path", "fwd+bwd (ms)", "GradCAM fwd+bwd (ms)", "× fwd+bwd", "megl map (ms)",
                      "pytorch-grad-cam (ms)", "megl speedup"], body) + "\n")
 
 
@@ -330,7 +326,7 @@ def other_table(rows: list[Row]) -> str:
     rs = [r for r in rows if r.get("suite") not in SUITES]
     if not rs:
         return ""
-    return "### Other benchmarks\n\n" + table(["Benchmark", "Group", "Latency (ms)"],
+    return "### Other benchmarks\n\n" + markdown_table(["Benchmark", "Group", "Latency (ms)"],
                                               [[r["name"], r.get("group") or "", fmt_ms(r["seconds"])] for r in rs]) + "\n"
 
 

@@ -52,7 +52,7 @@ class Config:
     seed: int = 0  # initialisation, data order, dropout
     data_seed: int = 0  # the synthetic data and a seeded split: fixed across seeds, so seeds vary training only
     device: str = "cpu"
-    method: str = "megl"  # a name in megl.losses.METHODS
+    method: str = "megl"  # a name in the registry, megl.methods.list_methods()
     deterministic: bool = True
 
     # --- data: synthetic (data_root None) or an Object-ME/Action-ME directory
@@ -171,10 +171,11 @@ class Config:
 
             if not is_supported_backbone(self.backbone):
                 raise ConfigError(backbone_error(self.backbone))
-        from megl.losses import METHODS
+        from megl.methods import list_methods
 
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.method not in list_methods():
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())} "
+                              "(--method NAME)")
         if self.backbone == "mlp" and self.method in GRADCAM_METHODS:
             raise ConfigError(f"method {self.method} needs Grad-CAM, which needs a convolutional backbone: the mlp has "
                               "none; use backbone cnn or resnet18 (plain CE, rrr and cdep run on the mlp)")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from megl.config import GRADCAM_METHODS, Config, apply_overrides, parse_value
+from megl.tables import markdown_table
 
 METHODS = ("baseline", "rrr", "cdep", "gradia", "haics", "res-g", "res-l", "megl")
 PENALISE_IRRELEVANT = ("rrr", "cdep")  # trained on the corners annotation; the rest on the digit annotation
@@ -236,7 +237,7 @@ VAL_ONLY = ("Method", "Train acc.", "Val acc.", "Val acc., no swatch", "s / epoc
 def table_markdown(results: dict, backbone: str, base_seconds: Optional[float], title: str,
                    columns: Sequence[str] = COLUMNS) -> str:
     keep = [COLUMNS.index(c) for c in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    body = []
     for method, rows in results.items():
         if not rows:
             continue
@@ -244,14 +245,14 @@ def table_markdown(results: dict, backbone: str, base_seconds: Optional[float], 
         rel = f"{sec / base_seconds:.2f}×" if sec and base_seconds else "n/a"
         pub = PUBLISHED.get((backbone, method))
         miou = aggregate(rows, "miou")
-        lines.append("| " + " | ".join([
+        cells = [
             NAMES.get(method, method.replace("megl/", "MEGL ")), _pct(aggregate(rows, "test")),
             _pct(aggregate(rows, "train")), _pct(aggregate(rows, "val")), _pct(aggregate(rows, "val_clean")),
             _pct(aggregate(rows, "test_clean")), "n/a" if miou[0] is None else
             f"{miou[0]:.3f}" + ("" if miou[1] is None else f" ± {miou[1]:.3f}"),
-            _pct(aggregate(rows, "corner_share")), rel, f"{pub[0]} ({pub[1]})" if pub else "-"]) + " |")
-        lines[-1] = "| " + " | ".join(lines[-1][2:-2].split(" | ")[i] for i in keep) + " |"
-    return f"**{title}**\n\n" + "\n".join(lines) + "\n"
+            _pct(aggregate(rows, "corner_share")), rel, f"{pub[0]} ({pub[1]})" if pub else "-"]
+        body.append([cells[i] for i in keep])
+    return f"**{title}**\n\n" + markdown_table(columns, body) + "\n"
 
 
 # ----------------------------------------------------------------------------- command line

@@ -266,10 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"--threshold must be in [0, 1], got {args.threshold}")
     if not os.path.isdir(args.run):
         raise SystemExit(f"run directory {args.run!r} not found; train one with `python -m megl.train --out DIR`")
-    from megl.runs import check_device, load_run
+    from megl.runs import check_device, load_run, require_saliency
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
+    require_saliency(args.run, "megl.evaluate")
     run = load_run(args.run, device=device)
     if args.split not in run.splits:
         raise SystemExit(f"split {args.split!r} not in this run; available: {', '.join(sorted(run.splits))}")

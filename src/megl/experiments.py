@@ -36,10 +36,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from megl.config import EMBEDDED, STORY_DATA, Config, apply_overrides
+from megl.config import STORY_DATA, Config, apply_overrides
+from megl.methods import get_method
+from megl.tables import markdown_table
 
-VISUAL_METHODS = ("baseline", "cdep", "haics", "res-g", "res-l", "gradia", "rrr", "megl")
-LLM_METHODS = ("llava", "ft-cot")
+# the rows' order; which methods are LLM classifiers is the registry's word (megl.methods)
+ROW_ORDER = ("llava", "ft-cot", "baseline", "cdep", "haics", "res-g", "res-l", "gradia", "rrr", "megl")
+LLM_METHODS = tuple(m for m in ROW_ORDER if get_method(m).kind == "llm")
+VISUAL_METHODS = tuple(m for m in ROW_ORDER if get_method(m).kind == "visual")
 TEXT_METHODS = ("megl", "ft-cot")
 TABLE2_METHODS = LLM_METHODS + VISUAL_METHODS
 ABLATION_ORDER = ("full", "visual+text", "text", "visual", "none")
@@ -52,6 +56,7 @@ UNSUPPORTED = {("vit_b_16", "cdep"): "CDEP on ViT-B/16: n/a, contextual decompos
                                      "CNN layers only (no attention / LayerNorm / GELU rules; megl.losses.cdep)."}
 T2_KEYS = ("accuracy", "precision", "recall", "f1", "miou")
 T3_KEYS = ("clipscore", "bleu4", "meteor", "rouge_l", "spice", "cider")
+CAPTION_KEYS = T3_KEYS[1:]
 
 # CPU-sized settings: a smaller 4-class synthetic dataset (same generator, same decoy), a few epochs, a narrow ViT
 # on the ViT-B/16 code path (patch 16), the tiny CLIP and LLM (the defaults), short rationales.
@@ -89,10 +94,7 @@ def run_config(base: dict, backbone: str, method: str, seed: int, ablation: Opti
     d.update(backbone=backbone, method=method, seed=seed)
     if ablation is not None:
         d.update(method="megl", **ABLATIONS[ablation])
-    config = Config.from_dict(d)
-    if method in LLM_METHODS:
-        return config  # validated by build_llm_classifier (the registry check does not know them yet)
-    return config.validate()
+    return Config.from_dict(d).validate()
 
 
 def run_name(config: Config, ablation: Optional[str] = None) -> str:
@@ -110,8 +112,8 @@ def _finished(run_dir: Path, config: Config) -> bool:
     return len(metrics) >= config.epochs and (run_dir / "eval.json").exists()
 
 
-def train_visual(config: Config, run_dir: Path, progress: bool) -> None:
-    """A megl.train run (visual methods and MEGL), resumed if a checkpoint exists."""
+def train_run(config: Config, run_dir: Path, progress: bool) -> None:
+    """A megl.train run (any registered method), resumed if a checkpoint exists."""
     from megl import runs
     from megl.train import Dist, train
 
@@ -119,118 +121,55 @@ def train_visual(config: Config, run_dir: Path, progress: bool) -> None:
     train(config, run_dir, Dist(config.device), resume=resume, progress=progress)
 
 
-def train_llm(config: Config, run_dir: Path, progress: bool) -> tuple[list[dict], Any, dict]:
-    """LLaVA / Fine-tune-CoT: the megl.train loop's data order, seeding and optimiser groups, around an
-    LLMClassifier (megl.train builds MEGLModel only, and its per-epoch evaluation needs Grad-CAM)."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from megl import runs
-    from megl.data import collate
-    from megl.models.llm_classifier import build_llm_classifier
-    from megl.models.tokenizer import train_tokenizer
-    from megl.train import EpochRationales, make_optimizer, seed_epoch, to_device
-
-    device = torch.device(config.device)
-    splits = runs.make_splits(config)
-    tr = splits["train"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.save_config(run_dir, config)
-    tokenizer = None
-    if config.llm in EMBEDDED:
-        if not (run_dir / "tokenizer").exists():
-            texts = [t for r in tr.records for t in r.references]
-            runs.save_tokenizer(run_dir, train_tokenizer(texts, tr.class_names, config.tokenizer_vocab_size))
-        tokenizer = runs.load_run_tokenizer(run_dir, config)
-    from megl.models import standins
-
-    weights = standins.for_run(config, splits, tokenizer, run_dir)  # the pretrained tiny CLIP / LLM, if used
-    model = build_llm_classifier(config, tr.class_names, tokenizer, device, mode=config.method, standins=weights)
-    optimizer = make_optimizer(model, config)
-    metrics = []
-    for epoch in range(config.epochs):
-        data = EpochRationales(tr, epoch)
-        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        if config.max_steps_per_epoch is not None:
-            batches = batches[:config.max_steps_per_epoch]
-        seed_epoch(config, epoch, 0)
-        model.train()
-        losses = []
-        for batch in DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=config.num_workers):
-            terms = model(to_device(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            losses.append(float(terms["total"].detach()))
-        entry = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1)}
-        for name in ("val", "test"):
-            if len(splits[name]):
-                entry[name] = {k: v for k, v in evaluate_llm(model, splits[name], config, text=False).items()
-                               if k in T2_KEYS}
-        metrics.append(entry)
-        runs.write_metrics(run_dir, metrics)
-        if progress:
-            print(f"  {config.method} epoch {epoch + 1}: loss {entry['train_loss']:.4f} "
-                  f"test acc {entry.get('test', {}).get('accuracy', float('nan')):.4f}", file=sys.stderr)
-    state = {"epoch": config.epochs, "step_in_epoch": 0, "global_step": 0, "metrics": metrics}
-    runs.save_checkpoint(run_dir, model.checkpoint_state_dict(), optimizer.state_dict(), {}, state)
-    return metrics, model, splits
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_llm(model, dataset, config: Config, text: bool) -> dict:
-    """Classification from the generated answers matched to the class vocabulary (an answer naming no class
-    counts as wrong); with text (Fine-tune-CoT): the rationales' caption metrics and CLIPScore."""
+def evaluate_llm_text(model, dataset, config: Config) -> dict:
+    """Fine-tune-CoT's Table 3 numbers: the caption metrics and CLIPScore of the rationales it generates (with
+    the class it picks itself), and how many answers named no class."""
     from megl.data import collate
-    from megl.metrics import caption_metrics, classification_metrics, clip_scores
+    from megl.metrics import caption_metrics, clip_scores
 
     ds = dataset.expanded(False)
-    n_classes = len(ds.class_names)
-    labels, preds, rationales, references, clip = [], [], [], [], []
+    rationales, references, clip, invalid = [], [], [], 0
     model.eval()
     device = torch.device(config.device)
     for start in range(0, len(ds), config.eval_batch_size):
         batch = collate([ds[i] for i in range(start, min(start + config.eval_batch_size, len(ds)))])
         image = batch["image"].to(device)
-        pred = model.predict(image, None if model.mode == "llava" else config.max_new_tokens)
-        ids = pred.class_ids.clone()
-        ids[ids < 0] = n_classes  # "no class": wrong for every class
-        preds += ids.tolist()
-        labels += batch["label"].tolist()
-        if text:
-            rationales += pred.rationales
-            references += batch["references"]
-            clip.append(clip_scores(model.clip, model.clip_tokenizer, image, pred.rationales).cpu())
-    out: dict[str, Any] = classification_metrics(labels, preds, labels=range(n_classes))
-    out["miou"] = None  # no visual explanation
-    out["invalid_answers"] = sum(p == n_classes for p in preds)
-    if text:
-        tm = caption_metrics(rationales, references)
-        out.update({k: tm.get(k) for k in ("bleu4", "meteor", "rouge_l", "spice", "cider")})
-        out["clipscore"] = float(torch.cat(clip).mean())
-        out["rationales"] = [{"generated": g, "references": r} for g, r in zip(rationales[:20], references[:20])]
+        pred = model.predict(image, config.max_new_tokens)
+        invalid += int((pred.class_ids < 0).sum())
+        rationales += pred.rationales
+        references += batch["references"]
+        clip.append(clip_scores(model.clip, model.clip_tokenizer, image, pred.rationales).cpu())
+    tm = caption_metrics(rationales, references)
+    out: dict[str, Any] = {k: tm.get(k) for k in CAPTION_KEYS}
+    out["clipscore"] = float(torch.cat(clip).mean())
+    out["rationales"] = [{"generated": g, "references": r} for g, r in zip(rationales[:20], references[:20])]
+    out["invalid_answers"] = invalid
     return out
 
 
-def evaluate_visual(run_dir: Path, config: Config, text: bool) -> dict:
+def evaluate_run(run_dir: Path, config: Config, text: bool) -> dict:
     """Table 2 numbers: the last epoch's test metrics of the run (the training loop's evaluation, identical for
-    every method); for MEGL with text: rationales for the predicted class scored by megl.evaluate."""
+    every method); with text: MEGL's rationales for the predicted class scored by megl.evaluate, or
+    Fine-tune-CoT's generated rationales (evaluate_llm_text)."""
     from megl import runs
 
     last = runs.read_metrics(run_dir)[-1]
     out: dict[str, Any] = dict(last["test"])
-    if text:
-        from megl.evaluate import evaluate_split
+    if not text:
+        return out
+    run = runs.load_run(run_dir, device=config.device)
+    if get_method(config.method).kind == "llm":
+        out.update(evaluate_llm_text(run.model, run.splits["test"], config))
+        return out
+    from megl.evaluate import evaluate_split
 
-        run = runs.load_run(run_dir, device=config.device)
-        m = evaluate_split(run.model, run.splits["test"], run.prior, batch_size=config.eval_batch_size,
-                           text=True, max_new_tokens=config.max_new_tokens, faithfulness=False)
-        out.update({k: (m.get("text") or {}).get(k) for k in ("bleu4", "meteor", "rouge_l", "spice", "cider")})
-        out["clipscore"] = m.get("clipscore")
-        out["rationales"] = m.get("rationales", [])[:20]
+    m = evaluate_split(run.model, run.splits["test"], run.prior, batch_size=config.eval_batch_size,
+                       text=True, max_new_tokens=config.max_new_tokens, faithfulness=False)
+    out.update({k: (m.get("text") or {}).get(k) for k in CAPTION_KEYS})
+    out["clipscore"] = m.get("clipscore")
+    out["rationales"] = m.get("rationales", [])[:20]
     return out
 
 
@@ -248,23 +187,16 @@ def run_one(base: dict, out: Path, backbone: str, method: str, seed: int, ablati
     want_text = text and method in TEXT_METHODS and ablation is None
     if _finished(run_dir, config):
         payload = json.loads((run_dir / "eval.json").read_text())
-        if want_text and payload["metrics"].get("clipscore") is None and method == "megl":
-            payload["metrics"].update(evaluate_visual(run_dir, config, text=True))  # text asked for later
+        if want_text and payload["metrics"].get("clipscore") is None:
+            payload["metrics"].update(evaluate_run(run_dir, config, text=True))  # text asked for later
             _write_json(run_dir / "eval.json", payload)
         return payload
     where = "LLM" if method in LLM_METHODS else backbone
     label = f"{method}{'/' + ablation if ablation else ''} ({where}, seed {seed})"
     print(f"[experiments] training {label} -> {run_dir}", file=sys.stderr, flush=True)
     t0 = time.time()
-    if method in LLM_METHODS:
-        metrics, model, splits = train_llm(config, run_dir, progress)
-        result = dict(metrics[-1]["test"])
-        if want_text:
-            t = evaluate_llm(model, splits["test"], config, text=True)
-            result.update({k: t.get(k) for k in T3_KEYS + ("rationales", "invalid_answers")})
-    else:
-        train_visual(config, run_dir, progress)
-        result = evaluate_visual(run_dir, config, want_text)
+    train_run(config, run_dir, progress)
+    result = evaluate_run(run_dir, config, want_text)
     payload = {"backbone": None if method in LLM_METHODS else backbone, "method": method, "ablation": ablation,
                "seed": seed, "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir), "metrics": result}
     _write_json(run_dir / "eval.json", payload)
@@ -293,11 +225,6 @@ def cell(ms: tuple[Optional[float], Optional[float]], none: str = "-") -> str:
     if m is None:
         return none
     return f"{m:.4f}" if sd is None else f"{m:.4f} ± {sd:.4f}"
-
-
-def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def table2_markdown(results: dict, backbones: Sequence[str], methods: Sequence[str], dataset: str) -> str:
@@ -338,10 +265,10 @@ def table2_markdown(results: dict, backbones: Sequence[str], methods: Sequence[s
         beats.append(f"- {BACKBONE_NAMES.get(bb, bb)} (plain classifier accuracy {base['accuracy'][0]:.4f}): "
                      + (", ".join(better) if better else "none"))
     parts = [f"**Table 2. Classification and visual explainability ({dataset}, test split)**",
-             _md(["Backbone", "Method", "Accuracy", "Precision", "Recall", "F1 Score", "mIoU"], rows)]
+             markdown_table(["Backbone", "Method", "Accuracy", "Precision", "Recall", "F1 Score", "mIoU"], rows)]
     if t3_rows:
         parts += [f"**Table 3. Textual explanation quality ({dataset}, test split)**",
-                  _md(["Method", "CLIPScore", "B4", "M", "R", "S", "C"], t3_rows)]
+                  markdown_table(["Method", "CLIPScore", "B4", "M", "R", "S", "C"], t3_rows)]
     if any(r[5] == "n/a" for r in t3_rows):
         notes.append("S (SPICE) n/a: pycocoevalcap's SPICE needs the Stanford CoreNLP 3.6.0 jars "
                      "(`python -m pycocoevalcap.spice.get_stanford_models`, needs internet once).")
@@ -368,7 +295,7 @@ def table4_markdown(results: dict, backbones: Sequence[str], ablations: Sequence
     return (f"**Table 4. Ablation study ({dataset}, test split)** Visual: L1 to the human masks; Text: SDTG's "
             "rationale loss; MEGL adds the visual explanation distribution consistency (KL to the mean mask). "
             "Performance change: accuracy difference to full MEGL, in percentage points.\n\n"
-            + _md(["Backbone", "Modules", "Accuracy", "Performance Change"], rows) + "\n")
+            + markdown_table(["Backbone", "Modules", "Accuracy", "Performance Change"], rows) + "\n")
 
 
 def settings_note(base: dict, seeds: Sequence[int], quick: bool) -> str:

@@ -9,34 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from megl.errors import UserError, cli
-from megl.files import atomic_write, safe_stem
-
-
-def overlay(image01: Tensor, saliency: Tensor, alpha: float = 0.5) -> np.ndarray:
-    """(3,H,W) image in [0,1] and (H,W) saliency in [0,1] -> (H,W,3) uint8 jet-coloured blend."""
-    from matplotlib import colormaps
-
-    img = image01.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-    heat = colormaps["jet"](saliency.detach().float().cpu().clamp(0, 1).numpy())[..., :3]
-    return (255 * ((1 - alpha) * img + alpha * heat)).round().astype(np.uint8)
-
-
-def save_panel(path, image01: Tensor, saliency: Tensor, mask: Tensor | None = None, scale: int = 4) -> None:
-    """PNG: image | saliency overlay [| human mask], each upscaled `scale`× (nearest) to be visible."""
-    from PIL import Image
-
-    img = (image01.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    panels = [img, overlay(image01, saliency)]
-    if mask is not None:
-        panels.append(np.repeat((mask.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)[..., None], 3, 2))
-    pic = Image.fromarray(np.concatenate(panels, axis=1))
-    pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
-    atomic_write(path, lambda tmp: pic.save(tmp, format="PNG"))
+from megl.files import safe_stem
+from megl.overlays import save_panel
 
 
 def load_image(path, size: int) -> Tensor:
@@ -77,12 +55,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args(argv)
-    from megl.runs import check_device, load_run
+    from megl.runs import check_device, load_run, require_saliency
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         ap.error(f"image file(s) not found: {', '.join(missing)}")
     check_device(args.device)
+    require_saliency(args.run, "megl.predict")
     run = load_run(args.run, device=args.device)
     out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
     for r in predict(run, args.images, out_dir, args.device, args.max_new_tokens):

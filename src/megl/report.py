@@ -12,8 +12,9 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
+
+from megl.overlays import mask_overlay, save_png, saliency_overlay, to_hwc
+from megl.tables import markdown_table
 
 BACKBONE_NAMES = {"resnet18": "ResNet18", "vit_b_16": "ViT-B/16"}
 METHOD_NAMES = {"baseline": "-", "megl": "MEGL", "gradia": "GRADIA", "haics": "HAICS", "res-g": "RES-G",
@@ -35,12 +36,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{float(value):.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def display_backbone(name: str) -> str:
     return BACKBONE_NAMES.get(name, name)
 
@@ -55,7 +50,7 @@ def table2(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
     body = [[display_backbone(r.get("backbone", "")), display_method(r.get("method", ""))]
             + [fmt(r.get(k)) for k, _ in TABLE2_COLUMNS] for r in rows]
     title = "Table 2. Classification and visual explainability" + (f" ({dataset})" if dataset else "")
-    return f"**{title}**\n\n" + _markdown(header, body)
+    return f"**{title}**\n\n" + markdown_table(header, body)
 
 
 def table3(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
@@ -64,14 +59,14 @@ def table3(rows: Sequence[Mapping[str, Any]], dataset: str = "") -> str:
     header = ["Method"] + [title for _, title in TABLE3_COLUMNS]
     body = [[r.get("method", "")] + [fmt(r.get(k)) for k, _ in TABLE3_COLUMNS] for r in rows]
     title = "Table 3. Textual explanation quality" + (f" ({dataset})" if dataset else "")
-    return f"**{title}**\n\n" + _markdown(header, body)
+    return f"**{title}**\n\n" + markdown_table(header, body)
 
 
 def extra_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Beyond the paper: pixel precision/recall/F1 of the saliency (survey §5.1.5), faithfulness (§2.2.1)."""
     header = ["Method"] + [title for _, title in EXTRA_COLUMNS]
     body = [[r.get("method", "")] + [fmt(r.get(k)) for k, _ in EXTRA_COLUMNS] for r in rows]
-    return "**Explanation details (beyond the paper)**\n\n" + _markdown(header, body)
+    return "**Explanation details (beyond the paper)**\n\n" + markdown_table(header, body)
 
 
 def rows_from_metrics(metrics: Mapping[str, Any], backbone: str, method: str) -> tuple[dict, dict]:
@@ -94,44 +89,7 @@ def markdown_report(metrics: Mapping[str, Any], backbone: str, method: str, data
         parts.append("\n".join(f"- {n}" for n in notes))
     return "\n\n".join(parts) + "\n"
 
-# ------------------------------------------------------------------ images
-
-
-def _jet(x: np.ndarray) -> np.ndarray:
-    """The classic 'jet' colour map: (H, W) in [0, 1] -> (H, W, 3) in [0, 1]."""
-    x = np.clip(x, 0.0, 1.0)[..., None]
-    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
-    return np.concatenate([r, g, b], -1)
-
-
-def _to_hwc(image01: torch.Tensor) -> np.ndarray:
-    if image01.dim() != 3 or image01.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W) in [0, 1], got {tuple(image01.shape)}")
-    return image01.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def _save_png(arr01: np.ndarray, path: str, scale: int) -> None:
-    im = Image.fromarray((np.clip(arr01, 0, 1) * 255).round().astype(np.uint8))
-    if scale > 1:  # nearest: keep the pixels honest, just bigger
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    im.save(path)
-
-
-def saliency_overlay(image01: torch.Tensor, saliency: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) image blended with a jet heat map of the saliency."""
-    return (1 - alpha) * _to_hwc(image01) + alpha * _jet(saliency.detach().float().cpu().numpy())
-
-
-def mask_overlay(image01: torch.Tensor, mask: torch.Tensor, alpha: float = 0.6) -> np.ndarray:
-    """(H, W, 3) image darkened outside the human mask and tinted green inside."""
-    img = _to_hwc(image01)
-    m = mask.detach().float().cpu().clamp(0, 1).numpy()[..., None]
-    green = np.array([0.1, 0.9, 0.2])
-    return img * (1 - alpha * m) * (0.35 + 0.65 * m) + alpha * m * green
-
-
+# ------------------------------------------------------------------ HTML
 def write_html_report(samples: Sequence[Mapping[str, Any]], out_dir: str, *, title: str,
                       class_names: Sequence[str], summary_markdown: str = "", notes: Sequence[str] = (),
                       filename: str = "report.html", images_dirname: str = "report_images",
@@ -149,10 +107,10 @@ def write_html_report(samples: Sequence[Mapping[str, Any]], out_dir: str, *, tit
         k = scale or max(1, 192 // max(h, 1))
         stem = f"{n:03d}_" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(s["id"]))[:40]
         files = {"image": f"{stem}_image.png", "saliency": f"{stem}_saliency.png", "mask": f"{stem}_mask.png"}
-        _save_png(_to_hwc(s["image"]), os.path.join(img_dir, files["image"]), k)
-        _save_png(saliency_overlay(s["image"], s["saliency"]), os.path.join(img_dir, files["saliency"]), k)
+        save_png(os.path.join(img_dir, files["image"]), to_hwc(s["image"]), k)
+        save_png(os.path.join(img_dir, files["saliency"]), saliency_overlay(s["image"], s["saliency"]), k)
         if s.get("has_mask"):
-            _save_png(mask_overlay(s["image"], s["mask"]), os.path.join(img_dir, files["mask"]), k)
+            save_png(os.path.join(img_dir, files["mask"]), mask_overlay(s["image"], s["mask"]), k)
         label, pred = int(s["label"]), int(s["pred"])
         ok = label == pred
         figs = [_figure(f"{images_dirname}/{files['image']}", "image"),

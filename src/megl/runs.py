@@ -241,15 +241,28 @@ def make_splits(config: Config):
 @dataclass
 class Run:
     config: Config
-    model: Any  # MEGLModel, in eval mode
+    model: Any  # the method's model (MEGLModel, or an LLMClassifier for llava / ft-cot), in eval mode
     splits: dict
     prior: torch.Tensor
     run_dir: Path
 
 
+def require_saliency(run_dir, prog: str) -> None:
+    """megl.evaluate and megl.predict draw and score saliency: refuse the run of an LLM method, which has none."""
+    from megl.methods import get_method
+
+    method = load_config(run_dir).method
+    if get_method(method).kind == "llm":
+        raise RunError(f"{run_dir} trained {method}, an LLM classifier that explains in text only, so {prog} (which "
+                       f"scores saliency) does not apply: its per-epoch test metrics are in "
+                       f"{Path(run_dir) / 'metrics.json'}, and `python -m megl.experiments table2 --methods {method}` "
+                       "scores its answers and rationales")
+
+
 def load_run(run_dir, device: str = "cpu") -> Run:
     """Rebuild a run: model from config.json + checkpoint + tokenizer + stand-ins, data splits and prior."""
-    from megl.models import build_model, standins
+    from megl.methods import get_method
+    from megl.models import standins
 
     run_dir = Path(run_dir)
     config = load_config(run_dir)
@@ -258,8 +271,9 @@ def load_run(run_dir, device: str = "cpu") -> Run:
         raise RunError(f"{run_dir / CHECKPOINT} not found: the run has no checkpoint yet")
     splits = make_splits(config)
     tokenizer = load_run_tokenizer(run_dir, config)
-    model = build_model(config, splits["train"].class_names, tokenizer, device=device,
-                        standins=standins.load_from_run(run_dir, config))
+    build = get_method(config.method).resolve("build_model")
+    model = build(config, splits["train"].class_names, tokenizer, device=device,
+                  standins=standins.load_from_run(run_dir, config))
     restore_model(model, ckpt[0], run_dir)
     model.eval()
     return Run(config, model, splits, load_prior(run_dir).to(device), run_dir)

@@ -10,6 +10,7 @@ continues exactly where the checkpoint was and, in deterministic mode, ends with
     python -m megl.train                                   # embedded default
     python -m megl.train --method baseline --out runs/base # CE only
     python -m megl.train --ablation text                   # paper Table 4 rows: full, visual+text, text, visual, none
+    python -m megl.train --method llava                    # an LLM baseline (megl.methods: list_methods())
     python -m megl.train --preset paper-resnet18 --data-root data/object-me \\
         --set clip_weights=/models/ViT-L-14.bin --set llm=/models/vicuna-7b-v1.5 --device cuda
     torchrun --nproc_per_node=2 -m megl.train --out runs/ddp   # DDP: gloo on CPU, nccl on GPU
@@ -36,6 +37,7 @@ from megl import runs
 from megl.config import EMBEDDED, Config, resolve
 from megl.errors import UserError, cli
 from megl.losses.common import PARTS
+from megl.methods import get_method, list_methods
 from megl.schedule import lr_factor, set_lr
 
 ABLATIONS = {  # paper Table 4: which explanation modules are on
@@ -113,11 +115,13 @@ def evaluate(model, split, config: Config, d: Dist, limit: Optional[int] = None)
     """Accuracy, macro P/R/F1 and mIoU (saliency of the predicted class vs the mask, threshold 0.5) on a split,
     sharded over ranks and gathered: the same metric functions and conventions as megl.evaluate.evaluate_split,
     which adds text, faithfulness and the report but runs on one process. `limit`: score an evenly spaced
-    subset of that many images (the per-epoch train accuracy)."""
+    subset of that many images (the per-epoch train accuracy). An LLM method's answer that names no class scores
+    as wrong, and its macro average runs over the dataset's classes (an extra "no class" id must not count)."""
     from megl.data import collate
     from megl.metrics import classification_metrics
 
     ds = split.expanded(False)
+    llm = get_method(config.method).kind == "llm"
     model.eval()
     preds, labels, ious = [], [], []
     chosen = range(len(ds)) if limit is None or limit >= len(ds) else \
@@ -125,34 +129,39 @@ def evaluate(model, split, config: Config, d: Dist, limit: Optional[int] = None)
     idx = list(chosen)[d.rank::d.world]
     for start in range(0, len(idx), config.eval_batch_size):
         batch = to_device(collate([ds[i] for i in idx[start:start + config.eval_batch_size]]), d.device)
-        preds += _predict_and_iou(model, batch, ious).argmax(1).tolist()
+        preds += _predict_and_iou(model, batch, ious, llm)
         labels += batch["label"].tolist()
     gathered = d.gather((preds, labels, ious))
     preds = [p for g in gathered for p in g[0]]
     labels = [t for g in gathered for t in g[1]]
     ious = [s for g in gathered for s in g[2]]
-    out = classification_metrics(labels, preds)  # macro over the classes present, as megl.evaluate reports it
+    # visual methods: macro over the classes present, as megl.evaluate reports it
+    out = classification_metrics(labels, preds, labels=range(len(ds.class_names)) if llm else None)
     out["miou"] = sum(ious) / len(ious) if ious else None
     return {k: out[k] for k in METRIC_KEYS}
 
 
-def _predict_and_iou(model, batch: dict, ious: list) -> torch.Tensor:
-    """Logits of a batch; appends the IoU of each annotated sample's saliency (none without Grad-CAM: mlp)."""
+def _predict_and_iou(model, batch: dict, ious: list, llm: bool) -> list[int]:
+    """Predicted classes of a batch; appends the IoU of each annotated sample's saliency (none without Grad-CAM:
+    mlp, LLM methods). An LLM answer naming no class is the id num_classes."""
     from megl.metrics import iou
 
+    if llm:
+        ids = model.predict(batch["image"]).class_ids
+        return torch.where(ids < 0, len(model.class_names), ids).tolist()
     if not model.classifier.has_gradcam:
         with torch.no_grad():
-            return model.classifier(batch["image"]).logits
+            return model.classifier(batch["image"]).logits.argmax(1).tolist()
     logits, sal = model.explain(batch["image"])
     scores = iou(sal.saliency.float(), batch["mask"])
     ious += [float(s) for s, h in zip(scores.cpu(), batch["has_mask"].cpu()) if h]
-    return logits
+    return logits.argmax(1).tolist()
 
 
 def write_overlays(model, split, run_dir: Path, n: int, device) -> None:
     from megl.data import collate
     from megl.files import safe_stem
-    from megl.predict import save_panel
+    from megl.overlays import save_panel
 
     ds = split.expanded(False)
     if n <= 0 or len(ds) == 0 or not model.classifier.has_gradcam:
@@ -242,7 +251,7 @@ def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
 
 def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress: bool = True) -> list[dict]:
     from megl.data import collate, mean_mask_prior
-    from megl.models import build_model, standins
+    from megl.models import standins
     from megl.models.tokenizer import train_tokenizer
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -276,8 +285,9 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     if d.main:  # pretrained tiny CLIP / LLM: from the run directory, the shared cache, or pretrained now
         standins.for_run(config, splits, tokenizer, run_dir)
     d.barrier()
-    model = build_model(config, class_names, tokenizer, device=d.device,
-                        standins=standins.load_from_run(run_dir, config))
+    method = get_method(config.method)
+    model = method.resolve("build_model")(config, class_names, tokenizer, device=d.device,
+                                          standins=standins.load_from_run(run_dir, config))
     optimizer = make_optimizer(model, config)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_n": 0, "metrics": [],
              "share_sum": {}, "share_n": 0}
@@ -309,7 +319,7 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     base_lrs = {g["name"]: {"classifier": config.lr, "projector": config.lr_projector, "lora": config.lr_lora}[g["name"]]
                 for g in optimizer.param_groups}
     steps = total_steps(len(train_split.expanded(False)), config, d.world)
-    clf_params = model.parameter_groups()["classifier"]
+    clf_params = model.parameter_groups().get("classifier", [])  # LLM methods have no classifier
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     for epoch in range(state["epoch"], config.epochs):
@@ -325,8 +335,8 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
             seed_epoch(config, epoch, d.rank)
             state.update(loss_sum=0.0, loss_n=0, share_sum={}, share_n=0)
         # batches whose per-term gradient norms are measured (one process only: DDP's reducer expects one backward)
-        every = max(1, len(batches) // config.grad_share_batches) if config.grad_share_batches and d.world == 1 \
-            else None
+        every = max(1, len(batches) // config.grad_share_batches) \
+            if config.grad_share_batches and d.world == 1 and clf_params else None
         # own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
         # restores from the checkpoint (that draw would shift every later dropout mask)
         loader = DataLoader(data, batch_sampler=batches[start:], collate_fn=collate, num_workers=config.num_workers,
@@ -379,7 +389,8 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
         save_state(run_dir, model, optimizer, state, d)
         if d.main:
             runs.write_metrics(run_dir, state["metrics"])
-            write_overlays(model, splits["val"], run_dir, config.num_overlays, d.device)
+            if method.kind == "visual":  # LLM methods explain in text only
+                write_overlays(model, splits["val"], run_dir, config.num_overlays, d.device)
             print(format_entry(entry), file=sys.stderr)
     if d.main:
         print(f"done in {time.time() - t0:.1f} s; run directory: {run_dir}", file=sys.stderr)
@@ -415,7 +426,7 @@ def parse_args(argv=None):
                     "(mobilenet_v3_small, efficientnet_b0, swin_t, ...) or timm:NAME; --set target_layer=PATH "
                     "overrides the family's Grad-CAM layer")
     ap.add_argument("--device", help="cpu, cuda, cuda:1 ...")
-    ap.add_argument("--method", help="megl, baseline, gradia, haics, res-g, res-l, rrr, cdep")
+    ap.add_argument("--method", help=f"one of {', '.join(list_methods())} (default megl)")
     ap.add_argument("--ablation", choices=tuple(ABLATIONS), help="MEGL modules on (paper Table 4)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seed", type=int)

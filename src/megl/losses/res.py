@@ -155,8 +155,8 @@ def _res_loss(model, batch, config, imputation: str) -> dict[str, Tensor]:
         if imp is None:
             raise RuntimeError(
                 "res-l: the learnable imputation is not registered on the model; call "
-                "megl.losses.res.setup_res_l(model, config) before building the optimizer (the training loop does so "
-                "through get_method('res-l').setup)"
+                "megl.losses.res.setup_res_l(model, config) before building the optimizer (megl.models.build_model "
+                "does so: the registry names it as res-l's setup)"
             )
         imputed = imp(mask, p.cam_size)
     ce = cross_entropy(p.logits, batch["label"])
@@ -218,6 +218,3 @@ def setup_res_l(model: torch.nn.Module, config: Any = None, image_size: Optional
     clf.add_module("res_imputation", module)
     return module
 
-
-# the training loop calls `getattr(get_method(name), "setup", None)` before it builds the optimizer
-res_l_loss.setup = setup_res_l  # type: ignore[attr-defined]

@@ -84,3 +84,12 @@ def build_llm(config, tokenizer, device: torch.device, state: Optional[dict] = N
     with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def build_vision_and_llm(config, tokenizer, device: torch.device, standins: dict) -> tuple[nn.Module, nn.Module]:
+    """(frozen CLIP vision encoder, LLM + LoRA): what MEGLModel and the LLM classifiers share. Call it inside the
+    builder's seeded block: their random initialisation draws from the global RNG."""
+    from .clip import CLIPVisionEncoder, build_open_clip
+
+    clip = build_open_clip(config, standins.get("clip"))
+    return CLIPVisionEncoder(clip, config.clip_feature_layer), build_llm(config, tokenizer, device, standins.get("llm"))

@@ -2,8 +2,9 @@
 
 Both are LLaVA-1.5-style models (Liu et al. 2023/2024): the frozen CLIP vision tower's patch tokens go through a
 two-layer GELU MLP projector (LLaVA-1.5's `mlp2x_gelu`) into the LLM (Vicuna v1.5 + LoRA, or the tiny Llama),
-with the Vicuna v1 template "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>" and the loss on the
-answer tokens only. Image classification is asked as a visual question (paper §4.3):
+with the Vicuna v1 template of models/conversation.py (the PromptBuilder of MEGL's SDTG, with a question that
+names no class) and the loss on the answer tokens only. Image classification is asked as a visual question
+(paper §4.3):
 
 * "llava":  the answer is the class name; the prediction is the generated text matched to the class vocabulary.
 * "ft-cot": Fine-tune-CoT (Ho et al. 2023, "Large Language Models Are Reasoning Teachers"): the answer is a
@@ -24,24 +25,16 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from megl.config import EMBEDDED
-
 from .checkpoint import checkpoint_state, load_checkpoint_state
-from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
-from .llm import build_llm
-from .sdtg import IGNORE, greedy_generate
-from .tokenizer import SYSTEM
+from .clip import CLIPVisionEncoder, clip_tokenizer
+from .conversation import CLASS_QUESTION, COT_QUESTION, PromptBuilder
+from .llm import build_vision_and_llm
+from .sdtg import greedy_generate
+from .tokenizer import tokenizer_for
 
-MODES = ("llava", "ft-cot")
-QUESTION = "What is shown in this image? Answer with the class name."
-COT_QUESTION = "What is shown in this image? Explain the visual evidence, then answer with the class name."
+QUESTIONS = {"llava": CLASS_QUESTION, "ft-cot": COT_QUESTION}  # neither names the class
+MODES = tuple(QUESTIONS)
 COT_SEP = "-->"  # Fine-tune-CoT: "{rationale} --> {answer}"
-
-
-def prompt_texts(mode: str) -> tuple[str, str]:
-    """(text before the image tokens, text after them up to the answer) — no class name in the prompt."""
-    question = COT_QUESTION if mode == "ft-cot" else QUESTION
-    return f"{SYSTEM} USER: ", f"\n{question} ASSISTANT:"
 
 
 def answer_text(mode: str, class_name: str, rationale: str = "") -> str:
@@ -107,19 +100,11 @@ class LLMClassifier(nn.Module):
         self.clip_tokenizer = clip_tok
         d = llm.get_input_embeddings().weight.shape[1]
         self.projector = nn.Sequential(nn.Linear(clip_encoder.width, d), nn.GELU(), nn.Linear(d, d))
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        before, after = prompt_texts(mode)
-        self._head = ([self.bos] if self.bos is not None else []) + self._ids(before)
-        self._tail = self._ids(after)
+        self.prompts = PromptBuilder(tokenizer, QUESTIONS[mode])
         # llava answers a class name: generation needs no more tokens than the longest one (+ </s>)
-        self.answer_budget = max(len(self._ids(" " + c)) for c in self.class_names) + 1
+        self.answer_budget = max(len(self.prompts.ids(" " + c)) for c in self.class_names) + 1
 
     # ------------------------------------------------------------------ helpers
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     @property
     def clip(self) -> nn.Module:
         return self.clip_encoder.clip
@@ -135,21 +120,6 @@ class LLMClassifier(nn.Module):
         Z = Z.flatten(2).transpose(1, 2).to(self.projector[0].weight.dtype)
         return self.projector(Z)
 
-    def _sequences(self, V: Tensor, answers: Optional[Sequence[str]]):
-        embed = self.llm.get_input_embeddings()
-        dev = V.device
-        emb = lambda ids: embed(torch.tensor(ids, dtype=torch.long, device=dev))  # noqa: E731
-        head, tail = emb(self._head), emb(self._tail)
-        seqs, labels = [], []
-        for b in range(V.shape[0]):
-            parts = [head, V[b].to(embed.weight.dtype), tail]
-            if answers is not None:
-                ans = self._ids(" " + answers[b]) + [self.eos]
-                parts.append(emb(ans))
-                labels.append([IGNORE] * (len(self._head) + V.shape[1] + len(self._tail)) + ans)
-            seqs.append(torch.cat(parts))
-        return embed, seqs, labels
-
     # ------------------------------------------------------------------ training
     def answers_for(self, class_ids: Tensor, rationales: Optional[Sequence[str]] = None) -> list[str]:
         if self.mode == "ft-cot" and rationales is None:
@@ -160,13 +130,9 @@ class LLMClassifier(nn.Module):
     def answer_loss(self, image01: Tensor, class_ids: Tensor, rationales: Optional[Sequence[str]] = None) -> Tensor:
         """Mean NLL of the answer tokens (and </s>) given the image: LLaVA's fine-tuning objective."""
         V = self.visual_tokens(image01)
-        embed, seqs, labels = self._sequences(V, self.answers_for(class_ids, rationales))
-        L = max(s.shape[0] for s in seqs)
-        pad = embed(torch.tensor([self.pad], device=V.device))[0]
-        inputs = torch.stack([torch.cat([s, pad.expand(L - s.shape[0], -1)]) for s in seqs])
-        mask = torch.tensor([[1] * s.shape[0] + [0] * (L - s.shape[0]) for s in seqs], device=V.device)
-        lab = torch.tensor([x + [IGNORE] * (L - len(x)) for x in labels], device=V.device)
-        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=lab).loss.float()
+        embed = self.llm.get_input_embeddings()
+        inputs, mask, labels = self.prompts.training_batch(embed, V, None, self.answers_for(class_ids, rationales))
+        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss.float()
 
     def loss(self, batch: dict, prior: Optional[Tensor] = None, lambdas: Optional[dict] = None,
              method: Optional[str] = None) -> dict[str, Tensor]:
@@ -183,14 +149,10 @@ class LLMClassifier(nn.Module):
     @torch.no_grad()
     def generate(self, image01: Tensor, max_new_tokens: Optional[int] = None) -> list[str]:
         V = self.visual_tokens(image01)
-        embed, seqs, _ = self._sequences(V, None)
-        L = max(s.shape[0] for s in seqs)
-        pad = embed(torch.tensor([self.pad], device=V.device))[0]
-        inputs = torch.stack([torch.cat([pad.expand(L - s.shape[0], -1), s]) for s in seqs])
-        mask = torch.tensor([[0] * (L - s.shape[0]) + [1] * s.shape[0] for s in seqs], device=V.device)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        embed = self.llm.get_input_embeddings()
+        inputs, mask, positions = self.prompts.prompt_batch(embed, V, None)
         n = max_new_tokens or (self.answer_budget if self.mode == "llava" else self.config.max_new_tokens)
-        ids = greedy_generate(self.llm, embed, inputs, mask, positions, n, self.eos)
+        ids = greedy_generate(self.llm, embed, inputs, mask, positions, n, self.prompts.eos)
         return [self.tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
 
     @torch.no_grad()
@@ -238,22 +200,13 @@ def build_llm_classifier(config, class_names: Sequence[str], tokenizer=None, dev
                          mode: Optional[str] = None, standins: Optional[dict] = None) -> LLMClassifier:
     """Build the LLaVA ("llava") or Fine-tune-CoT ("ft-cot") classifier from a `Config` (mode: config.method).
     `standins`: the pretrained tiny CLIP / LLM weights (megl.models.standins), needed for "tiny"."""
-    from .tokenizer import load_tokenizer
-
-    mode = mode or config.method
     device = torch.device(device)
-    standins = standins or {}
-    if tokenizer is None:
-        if config.llm in EMBEDDED:
-            raise ValueError(f"build_llm_classifier: llm={config.llm!r} needs the run's tokenizer "
-                             "(megl.models.train_tokenizer)")
-        tokenizer = load_tokenizer(config.llm)
+    tokenizer = tokenizer_for(config, tokenizer, "build_llm_classifier")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        clip = build_open_clip(config, standins.get("clip"))
-        encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
-        llm = build_llm(config, tokenizer, device, standins.get("llm"))
-        model = LLMClassifier(config, class_names, encoder, llm, tokenizer, clip_tokenizer(config), mode)
+        encoder, llm = build_vision_and_llm(config, tokenizer, device, standins or {})
+        model = LLMClassifier(config, class_names, encoder, llm, tokenizer, clip_tokenizer(config),
+                              mode or config.method)
     if device.type == "cuda":
         model.clip_encoder.to(torch.bfloat16)
     return model.to(device)
@@ -265,18 +218,13 @@ def _method_loss(mode: str):
         if not isinstance(model, LLMClassifier) or model.mode != mode:
             raise TypeError(
                 f"method {mode!r} trains an LLMClassifier built by megl.models.llm_classifier.build_llm_classifier "
-                f"(get_method({mode!r}).build_model), got {type(model).__name__}"
+                f"(megl.methods.get_method({mode!r}).resolve('build_model')), got {type(model).__name__}"
                 + (f" in mode {model.mode!r}" if isinstance(model, LLMClassifier) else "")
             )
         return model.loss(batch, prior)
 
     loss.__name__ = loss.__qualname__ = f"{mode.replace('-', '_')}_loss"
     loss.__doc__ = f"The {mode} objective: NLL of the answer tokens (registry signature; the model does the work)."
-    def build_model(config, class_names, tokenizer=None, device="cpu", standins=None) -> LLMClassifier:
-        return build_llm_classifier(config, class_names, tokenizer, device, mode, standins)
-
-    loss.build_model = build_model  # type: ignore[attr-defined]
-    loss.model_kind = "llm"  # type: ignore[attr-defined]  # predictions come from model.predict, no saliency
     return loss
 
 

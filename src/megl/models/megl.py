@@ -7,14 +7,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from megl.config import EMBEDDED
 from megl.ops import SaliencyOutput, fused_saliency
 
 from .checkpoint import checkpoint_state, load_checkpoint_state
 from .classifier import Classifier, ClassifierOutput, build_classifier
-from .clip import CLIPVisionEncoder, build_open_clip, clip_tokenizer
-from .llm import build_llm
-from .sdtg import SDTG, PromptBuilder, greedy_generate
+from .clip import CLIPVisionEncoder, clip_tokenizer
+from .conversation import PromptBuilder
+from .llm import build_vision_and_llm
+from .sdtg import SDTG, greedy_generate
+from .tokenizer import tokenizer_for
 
 
 class MEGLModel(nn.Module):
@@ -114,7 +115,7 @@ class MEGLModel(nn.Module):
              method: Optional[str] = None) -> dict[str, Tensor]:
         """Loss terms of `method` (default config.method) via megl.losses; `lambdas` overrides config fields
         such as {"lambda_text": 0.0}."""
-        from megl.losses import get_method
+        from megl.methods import get_method
 
         config = self.config
         if lambdas:
@@ -154,27 +155,19 @@ def build_model(config, class_names: Sequence[str], tokenizer=None, device="cpu"
     megl.models.tokenizer.train_tokenizer); a real LLM brings its own from its directory. `standins`:
     {"clip": state, "llm": state, "W_A": state} of the pretrained tiny stand-ins (megl.models.standins.for_run),
     needed for "tiny"; "W_A" initialises SDTG's W_A with the projector the LLM stand-in was pretrained with."""
-    from .tokenizer import load_tokenizer
-
     device = torch.device(device)
     standins = standins or {}
-    if tokenizer is None:
-        if config.llm in EMBEDDED:
-            raise ValueError(f"build_model: llm={config.llm!r} needs the run's tokenizer (train_tokenizer(...) or "
-                             "load_tokenizer('<run>/tokenizer'))")
-        tokenizer = load_tokenizer(config.llm)
+    tokenizer = tokenizer_for(config, tokenizer, "build_model")
     with torch.random.fork_rng(devices=[]):  # random-initialised parts are a function of the seed alone
         torch.manual_seed(config.seed)
         classifier = build_classifier(config, len(class_names))
-        clip = build_open_clip(config, standins.get("clip"))
-        encoder = CLIPVisionEncoder(clip, config.clip_feature_layer)
-        llm = build_llm(config, tokenizer, device, standins.get("llm"))
+        encoder, llm = build_vision_and_llm(config, tokenizer, device, standins)
         model = MEGLModel(config, class_names, classifier, encoder, llm, tokenizer, clip_tokenizer(config))
         if "W_A" in standins:  # the projector the LLM stand-in was pretrained to read CLIP with (LLaVA stage 1)
             model.sdtg.W_A.load_state_dict(standins["W_A"])
-        from megl.losses import get_method
+        from megl.methods import get_method
 
-        setup = getattr(get_method(config.method), "setup", None)  # e.g. RES-L adds its learnable imputation
+        setup = get_method(config.method).resolve("setup")  # e.g. RES-L adds its learnable imputation
         if setup is not None:
             setup(model, config)
     if device.type == "cuda":

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from megl.data.transforms import clip_preprocess
 
+from .conversation import IGNORE_INDEX, PromptBuilder
+
 # Chosen on the default synthetic data's validation split and the time budget (docs/standins.md).
 CLIP_EPOCHS = 12
 CLIP_BATCH = 64  # batch 64 reached a lower loss and higher val zero-shot than 128 at equal epochs
@@ -189,9 +191,9 @@ def _nll(llm: nn.Module, prompts, pairs, slot: Tensor) -> tuple[Tensor, int]:
     inputs, mask, labels = prompts.training_batch(embed, slot, list(names), list(texts))
     logits = llm(inputs_embeds=inputs, attention_mask=mask).logits[:, :-1].float()
     target = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="sum")
-    return nll, int((target != -100).sum())
+    return nll, int((target != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -199,8 +201,6 @@ def perplexity(llm: nn.Module, tokenizer, split, class_names: Sequence[str], vis
                projector: Optional[nn.Module] = None, batch_size: int = 64, seed: int = 0) -> float:
     """exp(mean NLL per rationale token) of a split's rationales, the prompt naming the true class, the image slot
     holding the projected CLIP tokens `visual` (N, T, D) of the split's images (noise when None)."""
-    from .sdtg import PromptBuilder
-
     was = llm.training
     llm.eval()
     prompts, g = PromptBuilder(tokenizer), torch.Generator().manual_seed(seed)
@@ -223,8 +223,6 @@ def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *
     `projector(visual)` and the projector trains jointly (LLaVA's alignment stage: the LLM learns to read CLIP);
     without, the slot holds noise.
     """
-    from .sdtg import PromptBuilder
-
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     prompts = PromptBuilder(tokenizer)

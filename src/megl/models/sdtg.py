@@ -5,23 +5,16 @@ The two token grids have different sizes (e.g. ResNet18 layer4 4×4 or 7×7, CLI
 grid is adaptive-average-pooled to the classifier's grid before the sum: V has one token per Grad-CAM cell, and
 token (i, j) of V_I and of V_A cover the same image region.
 
-V is inserted as visual tokens in the Vicuna v1 template "{system} USER: <image>\\n{question} ASSISTANT: {rationale}</s>";
-the question names the class. Labels are -100 everywhere except the rationale tokens and the closing </s>.
+V is inserted as visual tokens in the conversation template of models/conversation.py, whose question names the
+class; the answer is the rationale.
 """
 from __future__ import annotations
 
 import inspect
 
-from functools import lru_cache
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .tokenizer import prompt_parts
-
-IGNORE = -100
 
 
 class SDTG(nn.Module):
@@ -36,61 +29,6 @@ class SDTG(nn.Module):
             raise ValueError(f"SDTG: {Z_I.shape[1]} classifier tokens for a {grid} grid")
         Z_A = F.adaptive_avg_pool2d(Z_A.to(self.W_A.weight.dtype), grid).flatten(2).transpose(1, 2)
         return self.W_I(Z_I.to(self.W_I.weight.dtype)) + self.W_A(Z_A)
-
-
-class PromptBuilder:
-    """Token ids of the template pieces (cached per class) and batch assembly around the visual tokens."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pieces = lru_cache(maxsize=4096)(self._pieces_uncached)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def _pieces_uncached(self, class_name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        before, after = prompt_parts(class_name)
-        head = ([self.bos] if self.bos is not None else []) + self._ids(before)
-        return tuple(head), tuple(self._ids(after))
-
-    def _embed(self, embed: nn.Module, ids: Sequence[int], device) -> Tensor:
-        return embed(torch.tensor(list(ids), dtype=torch.long, device=device))
-
-    def training_batch(self, embed: nn.Module, V: Tensor, class_names: Sequence[str], rationales: Sequence[str]):
-        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L); right-padded."""
-        device, B = V.device, V.shape[0]
-        seqs, labels = [], []
-        for b in range(B):
-            head, tail = self._pieces(class_names[b])
-            answer = self._ids(" " + rationales[b].strip()) + [self.eos]
-            emb = torch.cat([self._embed(embed, head, device), V[b].to(embed.weight.dtype),
-                             self._embed(embed, tail + tuple(answer), device)])
-            seqs.append(emb)
-            labels.append([IGNORE] * (len(head) + V.shape[1] + len(tail)) + answer)
-        L = max(s.shape[0] for s in seqs)
-        pad = embed(torch.tensor([self.pad], device=device))[0]
-        inputs = torch.stack([torch.cat([s, pad.expand(L - s.shape[0], -1)]) for s in seqs])
-        mask = torch.tensor([[1] * s.shape[0] + [0] * (L - s.shape[0]) for s in seqs], device=device)
-        lab = torch.tensor([lab + [IGNORE] * (L - len(lab)) for lab in labels], device=device)
-        return inputs, mask, lab
-
-    def prompt_batch(self, embed: nn.Module, V: Tensor, class_names: Sequence[str]):
-        """-> inputs_embeds (B, L, D), attention_mask (B, L), position_ids (B, L); left-padded for generation."""
-        device, B = V.device, V.shape[0]
-        seqs = []
-        for b in range(B):
-            head, tail = self._pieces(class_names[b])
-            seqs.append(torch.cat([self._embed(embed, head, device), V[b].to(embed.weight.dtype),
-                                   self._embed(embed, tail, device)]))
-        L = max(s.shape[0] for s in seqs)
-        pad = embed(torch.tensor([self.pad], device=device))[0]
-        inputs = torch.stack([torch.cat([pad.expand(L - s.shape[0], -1), s]) for s in seqs])
-        mask = torch.tensor([[0] * (L - s.shape[0]) + [1] * s.shape[0] for s in seqs], device=device)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        return inputs, mask, positions
 
 
 def _cache_argument(llm: nn.Module) -> str:

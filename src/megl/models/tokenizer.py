@@ -1,4 +1,4 @@
-"""Prompt template and tokenizers.
+"""Tokenizers (the prompt template: models/conversation.py).
 
 The embedded LLM uses a real byte-level BPE tokenizer trained offline with the `tokenizers` library on the
 training rationales and the prompt text, wrapped as a `PreTrainedTokenizerFast` and saved in the run directory
@@ -11,16 +11,11 @@ from typing import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerFast
 
-# Vicuna v1 / LLaVA-1.5 conversation template: "{system} USER: <image>\n{question} ASSISTANT: {rationale}</s>"
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-QUESTION = "Why is this image classified as {label}? Explain the visual evidence."
+from megl.config import EMBEDDED
+
+from .conversation import prompt_parts
+
 SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-
-
-def prompt_parts(class_name: str) -> tuple[str, str]:
-    """(text before the visual tokens, text after them up to the answer)."""
-    return f"{SYSTEM} USER: ", f"\n{QUESTION.format(label=class_name)} ASSISTANT:"
 
 
 def train_tokenizer(texts: Iterable[str], class_names: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -49,3 +44,13 @@ def load_tokenizer(path: str):
     if tok.pad_token is None:  # Llama / Vicuna ship without one
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok
+
+
+def tokenizer_for(config, tokenizer=None, caller: str = "build_model"):
+    """`tokenizer` if given, else the real LLM's own; an embedded LLM needs the run's trained one (passed in)."""
+    if tokenizer is not None:
+        return tokenizer
+    if config.llm in EMBEDDED:
+        raise ValueError(f"{caller}: llm={config.llm!r} needs the run's tokenizer (train_tokenizer(...) or "
+                         "load_tokenizer('<run>/tokenizer'))")
+    return load_tokenizer(config.llm)
