@@ -46,6 +46,13 @@ def test_background_loss_is_kl_from_uniform_on_annotated_samples():
     loss.backward()
     assert clf.fc.weight.grad.abs().sum() > 0
     assert background_loss(clf, image, mask, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+    # the public name takes a plain model returning logits too, and checks the mask's shape
+    import megl.losses
+
+    plain = lambda x: clf(x).logits  # noqa: E731
+    assert megl.losses.background(plain, image, mask, has_mask).item() == pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="mask must be"):
+        megl.losses.background(plain, image, mask[:, :2])
 
 
 def test_background_term_takes_the_weight_off_a_decoy_pixel():

@@ -39,16 +39,23 @@ def batch_colour(image: torch.Tensor) -> torch.Tensor:
     return image.detach().mean((0, 2, 3), keepdim=True)
 
 
-def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor,
+                    has_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over the annotated samples of KL(uniform ‖ p(y | object removed)); 0 when none is annotated.
 
     A decoy outside the object is then evidence for no class: the counterfactual the mask itself defines.
     Grad-CAM terms cannot ask for this, because a cell over the object may read a decoy through its receptive
     field (docs/recipe.md §4)."""
+    if has_mask is None:
+        has_mask = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
+    if tuple(mask.shape) != (image.shape[0], *image.shape[-2:]):
+        raise ValueError(f"background: mask must be (B, H, W) = {(image.shape[0], *image.shape[-2:])} like the "
+                         f"images, got {tuple(mask.shape)}")
     if not bool(has_mask.any()):
         return image.new_zeros(())
     idx = has_mask.nonzero().squeeze(1)
-    logits = classifier(remove_object(image[idx], mask[idx], batch_colour(image))).logits
+    out = classifier(remove_object(image[idx], mask[idx], batch_colour(image)))
+    logits = getattr(out, "logits", out)  # megl's classifiers return an output object, plain models a tensor
     logp = F.log_softmax(logits.float(), dim=1)
     kl = -logp.mean(1) - torch.log(torch.tensor(float(logits.shape[1]), device=logp.device))
     return kl.mean()
