@@ -46,7 +46,7 @@ def test_grad_share_summary():
     assert grad_share_summary({}, 0) == {}
 
 
-@pytest.mark.parametrize("method,terms", [("megl", {"ce", "visual", "text"}), ("gradia", {"ce", "visual"}),
+@pytest.mark.parametrize("method,terms", [("megl", {"ce", "visual", "text", "background"}), ("gradia", {"ce", "visual"}),
                                           ("baseline", {"ce"})])
 def test_metrics_log_each_terms_gradient_share_and_train_accuracy(tmp_path, method, terms):
     config = tiny_config(method=method, epochs=2, max_steps_per_epoch=3, grad_share_batches=2, train_eval_size=5)

@@ -40,7 +40,7 @@ METHODS = ("baseline", "rrr", "cdep", "gradia", "haics", "res-g", "res-l", "megl
 PENALISE_IRRELEVANT = ("rrr", "cdep")  # trained on the corners annotation; the rest on the digit annotation
 NAMES = {"baseline": "plain (CE)", "rrr": "RRR", "cdep": "CDEP", "gradia": "GRADIA", "haics": "HAICS",
          "res-g": "RES-G", "res-l": "RES-L", "megl": "MEGL"}
-ABLATIONS = ("visual+text", "text", "visual")  # megl/<ablation> rows (megl.train.ABLATIONS)
+ABLATIONS = ("paper", "visual+text", "text", "visual")  # megl/<ablation> rows (megl.train.ABLATIONS)
 
 # Constructions (converter options). paper: Ross et al.'s. hard: the digit made the harder cue for a CNN
 # (lower contrast, pixel noise, a larger swatch), chosen by measuring a plain CNN (docs/decoy_mnist.md).
