@@ -55,7 +55,8 @@ def test_background_loss_is_kl_from_uniform_on_annotated_samples():
         megl.losses.background(plain, image, mask[:, :2])
 
 
-def test_background_term_takes_the_weight_off_a_decoy_pixel():
+@pytest.mark.parametrize("mode", ["uniform", "swap"])
+def test_background_term_takes_the_weight_off_a_decoy_pixel(mode):
     # pixel 0 is the object (in the mask, a noisy cue), pixel 1 a decoy outside it that names the class exactly
     torch.manual_seed(0)
     n = 256
@@ -72,7 +73,7 @@ def test_background_term_takes_the_weight_off_a_decoy_pixel():
         for _ in range(200):
             loss = F.cross_entropy(clf(x).logits, y)
             if lam:
-                loss = loss + lam * background_loss(clf, x, mask, torch.ones(n, dtype=torch.bool))
+                loss = loss + lam * background_loss(clf, x, mask, torch.ones(n, dtype=torch.bool), y, mode)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -81,6 +82,28 @@ def test_background_term_takes_the_weight_off_a_decoy_pixel():
     assert weights[0.0][1] > weights[0.0][0]  # CE alone leans on the decoy
     assert weights[1.0][1] < 0.25 * weights[0.0][1]  # the term takes most of that weight off
     assert weights[1.0][0] > weights[0.0][0]  # and the object carries the decision instead
+
+
+def test_swap_pastes_the_next_annotated_object_onto_a_cleared_background():
+    image = torch.arange(3 * 1 * 1 * 2, dtype=torch.float).view(3, 1, 1, 2)  # pixel 0: object, pixel 1: background
+    mask = torch.tensor([[[1.0, 0.0]]]).expand(3, 1, 2).clone()
+    label = torch.tensor([0, 1, 2])
+    seen = {}
+
+    def clf(x):
+        seen["x"] = x.clone()
+        return torch.zeros(x.shape[0], 3)
+
+    has = torch.tensor([True, False, True])
+    loss = background_loss(clf, image, mask, has, label, "swap")
+    # annotated 0 and 2: 0's background with 2's object, and 2's background with 0's object; labels 2 and 0
+    assert seen["x"].view(2, 2).tolist() == [[4.0, 1.0], [0.0, 5.0]]
+    assert loss.item() == pytest.approx(math.log(3))
+    assert background_loss(clf, image, mask, torch.tensor([True, False, False]), label, "swap").item() == 0.0
+    with pytest.raises(ValueError, match="needs the labels"):
+        background_loss(clf, image, mask, has, None, "swap")
+    with pytest.raises(ValueError, match="mode must be"):
+        background_loss(clf, image, mask, has, label, "blur")
 
 
 def test_megl_loss_logs_the_background_part(tmp_path):
@@ -93,3 +116,5 @@ def test_megl_loss_logs_the_background_part(tmp_path):
     assert "background" in entry["grad_share"] and entry["grad_norm"]["background"] > 0
     with pytest.raises(ValueError, match="lambda_background"):
         tiny_config(lambda_background=-1.0)
+    with pytest.raises(ValueError, match="background_mode"):
+        tiny_config(background_mode="blur")

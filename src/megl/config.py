@@ -118,6 +118,7 @@ class Config:
     # KL(uniform ‖ p(I ⊙ (1 − A) + c ⊙ A)); our extension, not in the paper (0 = the paper's objective).
     # 10: chosen on val over 0 … 30, 3 seeds (docs/recipe.md §4)
     lambda_background: float = 10.0
+    background_mode: str = "uniform"  # "uniform" or "swap" (megl/losses/megl.py: background_loss)
     uniform_prior: bool = False  # Ā uniform when no training image has a mask (else such a run is refused)
     saliency_backend: str = "auto"
     # the score whose Grad-CAM the explanation losses supervise: "logit" (classic Grad-CAM) or "log_prob", whose map
@@ -185,6 +186,9 @@ class Config:
         from megl.losses.common import SALIENCY_TARGETS
         from megl.schedule import SCHEDULES
 
+        if self.background_mode not in ("uniform", "swap"):
+            raise ConfigError(f"background_mode = {self.background_mode!r}: choose uniform or swap "
+                              "(--set background_mode=swap)")
         if self.saliency_target not in SALIENCY_TARGETS:
             raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
                               " (--set saliency_target=NAME)")

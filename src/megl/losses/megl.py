@@ -39,23 +39,47 @@ def batch_colour(image: torch.Tensor) -> torch.Tensor:
     return image.detach().mean((0, 2, 3), keepdim=True)
 
 
-def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor,
-                    has_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over the annotated samples of KL(uniform ‖ p(y | object removed)); 0 when none is annotated.
+BACKGROUND_MODES = ("uniform", "swap")
 
-    A decoy outside the object is then evidence for no class: the counterfactual the mask itself defines.
-    Grad-CAM terms cannot ask for this, because a cell over the object may read a decoy through its receptive
+
+def _logits(classifier, x: torch.Tensor) -> torch.Tensor:
+    out = classifier(x)
+    return getattr(out, "logits", out)  # megl's classifiers return an output object, plain models a tensor
+
+
+def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor, has_mask: Optional[torch.Tensor] = None,
+                    label: Optional[torch.Tensor] = None, mode: str = "uniform") -> torch.Tensor:
+    """The counterfactual the mask defines, on the annotated samples (0 when there are none):
+
+    uniform: with its object painted out, an image is evidence for no class: mean KL(uniform ‖ p(· | I ⊙ (1 − A) +
+             c ⊙ A)).
+    swap:    annotated image k + 1's object pasted onto image k's background (its own object painted out) must be
+             classified as the pasted object's label: mean CE. The composite still shows an object, so the network
+             cannot tell counterfactuals from real images by the missing object, as it can under `uniform`.
+
+    Grad-CAM terms cannot ask for either, because a cell over the object may read a decoy through its receptive
     field (docs/recipe.md §4)."""
+    if mode not in BACKGROUND_MODES:
+        raise ValueError(f"background: mode must be one of {', '.join(BACKGROUND_MODES)}, got {mode!r}")
     if has_mask is None:
         has_mask = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
     if tuple(mask.shape) != (image.shape[0], *image.shape[-2:]):
         raise ValueError(f"background: mask must be (B, H, W) = {(image.shape[0], *image.shape[-2:])} like the "
                          f"images, got {tuple(mask.shape)}")
-    if not bool(has_mask.any()):
-        return image.new_zeros(())
     idx = has_mask.nonzero().squeeze(1)
-    out = classifier(remove_object(image[idx], mask[idx], batch_colour(image)))
-    logits = getattr(out, "logits", out)  # megl's classifiers return an output object, plain models a tensor
+    if mode == "swap":
+        if label is None:
+            raise ValueError("background: mode 'swap' needs the labels (label=...)")
+        if idx.numel() < 2:  # no other object to paste
+            return image.new_zeros(())
+        donor = idx.roll(-1)
+        paste = mask[donor].to(image.dtype).unsqueeze(1)
+        host = remove_object(image[idx], mask[idx], batch_colour(image))
+        composite = host * (1 - paste) + image[donor] * paste
+        return F.cross_entropy(_logits(classifier, composite).float(), label[donor])
+    if idx.numel() == 0:
+        return image.new_zeros(())
+    logits = _logits(classifier, remove_object(image[idx], mask[idx], batch_colour(image)))
     logp = F.log_softmax(logits.float(), dim=1)
     kl = -logp.mean(1) - torch.log(torch.tensor(float(logits.shape[1]), device=logp.device))
     return kl.mean()
@@ -76,7 +100,8 @@ def megl_loss(model, batch, prior, config) -> dict:
     use_text = config.use_text and config.lambda_text != 0
     lambda_bg = getattr(config, "lambda_background", 0.0)
     if lambda_bg:
-        bg = background_loss(model.classifier, image, batch["mask"], batch["has_mask"])
+        bg = background_loss(model.classifier, image, batch["mask"], batch["has_mask"], label,
+                             getattr(config, "background_mode", "uniform"))
         parts["background"] = lambda_bg * bg
         total = total + parts["background"]
         terms["background"] = bg.detach()
