@@ -221,7 +221,8 @@ def test_loss_terms_follow_the_switches(resnet, switches, present, absent):
     terms = model.loss(batch, prior, lambdas=lambdas, method=switches.get("method"))
     assert present <= set(terms) and not (absent & set(terms))
     cfg = model.config
-    expected = terms["ce"] + cfg.lambda_visual * terms.get("visual", 0) + cfg.lambda_text * terms.get("text", 0)
+    expected = (terms["ce"] + cfg.lambda_visual * terms.get("visual", 0) + cfg.lambda_text * terms.get("text", 0)
+                + cfg.lambda_background * terms.get("background", 0))
     torch.testing.assert_close(terms["total"].detach(), torch.as_tensor(expected, dtype=torch.float32))
     if "kl" in terms:
         # the batch has annotated and unannotated samples: L1 and KL both active, each averaged over the batch

@@ -512,12 +512,15 @@ def _common(p: argparse.ArgumentParser, min_count: int, max_classes: int) -> Non
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out (its images/, masks/ and json files; inputs inside --out are kept)")
 
 
+def _subcommand(sub, name: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megl.data.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="dataset", required=True)
-    v = sub.add_parser("vqax", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="VQA-X + VQA v2 + COCO -> Object-ME format",
+    v = _subcommand(sub, "vqax", help="VQA-X + VQA v2 + COCO -> Object-ME format",
                        description="Fields read: --exp {question_id: [explanation, ...]} (textual/*_exp_anno.json), "
                        "or the NLE-style {question_id: {question, answers: [{answer}], image_id, image_name, "
                        "explanation: [...]}}; --questions {questions: [{question_id, image_id, question}]}; "
@@ -538,8 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every question of an image (default: the first question_id per image)")
     v.add_argument("--exp-field-nle", default="explanation", help="explanation field of NLE-style records")
     _common(v, min_count=10, max_classes=40)
-    a = sub.add_parser("actx", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="ACT-X + MPII -> Action-ME format",
+    a = _subcommand(sub, "actx", help="ACT-X + MPII -> Action-ME format",
                        description="Fields read: --exp {key: {<image field>, <answer field>, <explanation field>}} "
                        "(textual/exp_*_split.json, or NLE actX_*.json); the first present field of each list "
                        "below is used. Images: <image name> (+ .jpg when it has no extension) in --images. "
@@ -553,8 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--exp-field", default="exp,explanation,explanations",
                    help="explanation fields (default: %(default)s)")
     _common(a, min_count=1, max_classes=0)
-    d = sub.add_parser("decoy-mnist", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="MNIST IDX files -> DecoyMNIST (Ross et al. 2017) in the Object-ME format",
+    d = _subcommand(sub, "decoy-mnist", help="MNIST IDX files -> DecoyMNIST (Ross et al. 2017) in the Object-ME format",
                        description="A 4x4 swatch in a random corner of every digit, grey shade 255 - 25*label in "
                        "train and val (taken from MNIST's training part) and the shade of a random digit in test "
                        "(MNIST's test part). Masks: corners = 1 except the four corner squares (what RRR / CDEP "

@@ -141,6 +141,14 @@ def gradcam_pass(classifier: torch.nn.Module, batch: Mapping[str, Any], *, backe
 PARTS = "parts"  # key of the weighted, undetached summands of "total" (megl.train measures their gradients)
 
 
+def method_gradcam_pass(model: torch.nn.Module, batch: Mapping[str, Any], config: Any, method: str) -> GradCamPass:
+    """The start every Grad-CAM method's adapter shares: check the batch, find the classifier, run `gradcam_pass`
+    with the config's backend and saliency target."""
+    check_batch(batch, method)
+    return gradcam_pass(classifier_of(model, method), batch, backend=backend_of(config),
+                        saliency_target=saliency_target_of(config))
+
+
 def result(ce: Tensor, visual: Tensor, weight: float, **parts: Tensor) -> dict[str, Tensor]:
     """The registry's loss dict: total = ce + weight * visual, plus the parts for logging."""
     out = {"total": ce + weight * visual, "ce": ce.detach(), "visual": visual.detach(),

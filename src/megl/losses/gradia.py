@@ -17,8 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .common import (backend_of, check_batch, classifier_of, cross_entropy, gradcam_pass, hparam, n_annotated,
-                     result, saliency_target_of)
+from .common import cross_entropy, hparam, method_gradcam_pass, n_annotated, result
 
 DEFAULTS = {"gradia_lambda": 1.0}
 
@@ -31,10 +30,7 @@ def gradia_visual_loss(per_sample_l1: Tensor, has_mask: Tensor) -> Tensor:
 
 def gradia_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
                 config: Any = None) -> dict[str, Tensor]:
-    check_batch(batch, "gradia")
-    clf = classifier_of(model, "gradia")
-    p = gradcam_pass(clf, batch, backend=backend_of(config),
-                     saliency_target=saliency_target_of(config))
+    p = method_gradcam_pass(model, batch, config, "gradia")
     ce = cross_entropy(p.logits, batch["label"])
     visual = gradia_visual_loss(p.saliency.l1, batch["has_mask"])
     return result(ce, visual, float(hparam(config, "gradia_lambda", DEFAULTS["gradia_lambda"])))

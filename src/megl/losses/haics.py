@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (backend_of, check_batch, classifier_of, cross_entropy, gradcam_pass, hparam, result,
-                     saliency_target_of)
+from .common import cross_entropy, hparam, method_gradcam_pass, result
 
 DEFAULTS = {"haics_lambda": 1.0, "haics_eps": 1e-4}
 
@@ -44,10 +43,7 @@ def haics_visual_loss(saliency: Tensor, mask: Tensor, has_mask: Tensor, annotate
 
 def haics_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
                config: Any = None) -> dict[str, Tensor]:
-    check_batch(batch, "haics")
-    clf = classifier_of(model, "haics")
-    p = gradcam_pass(clf, batch, backend=backend_of(config),
-                     saliency_target=saliency_target_of(config))
+    p = method_gradcam_pass(model, batch, config, "haics")
     ce = cross_entropy(p.logits, batch["label"])
     eps = float(hparam(config, "haics_eps", DEFAULTS["haics_eps"]))
     visual = haics_visual_loss(p.saliency.saliency, batch["mask"], batch["has_mask"], eps=eps)

@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (backend_of, check_batch, classifier_of, cross_entropy, gradcam_pass, hparam, result,
-                     saliency_target_of)
+from .common import classifier_of, cross_entropy, hparam, method_gradcam_pass, result
 
 DEFAULTS = {"res_lambda": 1.0, "res_eta": 0.1, "res_tanh_scale": 5.0, "res_reg": 0.0}
 BF_EPS = 1e-4  # RES.py BF_solver: "v = x[idx] + epsilon" for negative candidates
@@ -143,10 +142,8 @@ def res_visual_loss(saliency: Tensor, mask: Tensor, has_mask: Tensor, imputed: T
 
 def _res_loss(model, batch, config, imputation: str) -> dict[str, Tensor]:
     name = f"res-{imputation}"
-    check_batch(batch, name)
+    p = method_gradcam_pass(model, batch, config, name)
     clf = classifier_of(model, name)
-    p = gradcam_pass(clf, batch, backend=backend_of(config),
-                     saliency_target=saliency_target_of(config))
     mask = batch["mask"].to(p.saliency.saliency.dtype)
     if imputation == "g":
         imputed = gaussian_imputation(mask, p.cam_size)

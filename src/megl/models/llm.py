@@ -93,3 +93,13 @@ def build_vision_and_llm(config, tokenizer, device: torch.device, standins: dict
 
     clip = build_open_clip(config, standins.get("clip"))
     return CLIPVisionEncoder(clip, config.clip_feature_layer), build_llm(config, tokenizer, device, standins.get("llm"))
+
+
+def attach_llm_parts(module, config, class_names, clip_encoder, llm, tokenizer, clip_tok) -> None:
+    """The parts MEGLModel and the LLM classifiers both hold, under the same names (their checkpoints rely on it)."""
+    module.config = config
+    module.class_names = list(class_names)
+    module.clip_encoder = clip_encoder
+    module.llm = llm
+    module.tokenizer = tokenizer
+    module.clip_tokenizer = clip_tok

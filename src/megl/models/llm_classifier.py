@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .checkpoint import checkpoint_state, load_checkpoint_state
 from .clip import CLIPVisionEncoder, clip_tokenizer
 from .conversation import CLASS_QUESTION, COT_QUESTION, PromptBuilder
-from .llm import build_vision_and_llm
+from .llm import attach_llm_parts, build_vision_and_llm
 from .sdtg import greedy_generate
 from .tokenizer import tokenizer_for
 
@@ -91,13 +91,8 @@ class LLMClassifier(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"LLMClassifier: mode must be one of {MODES}, got {mode!r}")
-        self.config = config
+        attach_llm_parts(self, config, class_names, clip_encoder, llm, tokenizer, clip_tok)
         self.mode = mode
-        self.class_names = list(class_names)
-        self.clip_encoder = clip_encoder
-        self.llm = llm
-        self.tokenizer = tokenizer
-        self.clip_tokenizer = clip_tok
         d = llm.get_input_embeddings().weight.shape[1]
         self.projector = nn.Sequential(nn.Linear(clip_encoder.width, d), nn.GELU(), nn.Linear(d, d))
         self.prompts = PromptBuilder(tokenizer, QUESTIONS[mode])

@@ -13,7 +13,7 @@ from .checkpoint import checkpoint_state, load_checkpoint_state
 from .classifier import Classifier, ClassifierOutput, build_classifier
 from .clip import CLIPVisionEncoder, clip_tokenizer
 from .conversation import PromptBuilder
-from .llm import build_vision_and_llm
+from .llm import attach_llm_parts, build_vision_and_llm
 from .sdtg import SDTG, greedy_generate
 from .tokenizer import tokenizer_for
 
@@ -22,13 +22,8 @@ class MEGLModel(nn.Module):
     def __init__(self, config, class_names: Sequence[str], classifier: Classifier, clip_encoder: CLIPVisionEncoder,
                  llm: nn.Module, tokenizer, clip_tok=None):
         super().__init__()
-        self.config = config
-        self.class_names = list(class_names)
+        attach_llm_parts(self, config, class_names, clip_encoder, llm, tokenizer, clip_tok)
         self.classifier = classifier
-        self.clip_encoder = clip_encoder
-        self.llm = llm
-        self.tokenizer = tokenizer
-        self.clip_tokenizer = clip_tok
         llm_dim = llm.get_input_embeddings().weight.shape[1]
         self.sdtg = SDTG(classifier.feature_dim, clip_encoder.width, llm_dim)
         self.prompts = PromptBuilder(tokenizer)
