@@ -17,6 +17,7 @@ from megl.errors import UserError
 
 BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
+BACKGROUND_MODES = ("swap", "uniform")  # the two forms of MEGL's background term (megl.losses.megl.background_loss)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
 EMBEDDED = (TINY, TINY_RANDOM)
@@ -114,11 +115,12 @@ class Config:
     use_visual: bool = True  # L1(Â, A) on annotated samples
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
-    # the classifier on the annotated images with their object removed must not be sure of any class:
-    # KL(uniform ‖ p(I ⊙ (1 − A) + c ⊙ A)); our extension, not in the paper (0 = the paper's objective).
-    # swap at 0.3: chosen on val, 3 seeds (docs/recipe.md §3-4; uniform's best, λ 10, scored 0.878 against 0.988)
+    # the counterfactual the mask defines, on annotated images; our extension, not in the paper (0 = the paper's
+    # objective). swap: another image's object on this one's cleared background gets the pasted label; uniform: the
+    # object-less image gets no class. swap at 0.3: chosen on val, 3 seeds (docs/recipe.md §3-4; uniform's best,
+    # λ 10, scored 0.878 against 0.988)
     lambda_background: float = 0.3
-    background_mode: str = "swap"  # "swap" or "uniform" (megl/losses/megl.py: background_loss)
+    background_mode: str = "swap"  # one of BACKGROUND_MODES
     uniform_prior: bool = False  # Ā uniform when no training image has a mask (else such a run is refused)
     saliency_backend: str = "auto"
     # the score whose Grad-CAM the explanation losses supervise: "logit" (classic Grad-CAM) or "log_prob", whose map
@@ -186,9 +188,9 @@ class Config:
         from megl.losses.common import SALIENCY_TARGETS
         from megl.schedule import SCHEDULES
 
-        if self.background_mode not in ("uniform", "swap"):
-            raise ConfigError(f"background_mode = {self.background_mode!r}: choose uniform or swap "
-                              "(--set background_mode=swap)")
+        if self.background_mode not in BACKGROUND_MODES:
+            raise ConfigError(f"background_mode = {self.background_mode!r}: choose one of "
+                              f"{', '.join(BACKGROUND_MODES)} (--set background_mode=swap)")
         if self.saliency_target not in SALIENCY_TARGETS:
             raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
                               " (--set saliency_target=NAME)")

@@ -234,7 +234,8 @@ def _resnet_and_input(clf: nn.Module, image: Tensor) -> tuple[nn.Module, Tensor]
 def cdep_loss(model: torch.nn.Module, batch: Mapping[str, Any], prior: Any = None,
               config: Any = None) -> dict[str, Tensor]:
     check_batch(batch, "cdep")
-    rule, score = str(hparam(config, "cdep_relu", "reference")), str(hparam(config, "cdep_score", "share"))
+    rule = str(hparam(config, "cdep_relu", DEFAULTS["cdep_relu"]))
+    score = str(hparam(config, "cdep_score", DEFAULTS["cdep_score"]))
     if rule not in RELU_RULES or score not in SCORES:
         raise ValueError(f"cdep: cdep_relu must be one of {', '.join(RELU_RULES)} and cdep_score one of "
                          f"{', '.join(SCORES)}; got {rule!r}, {score!r} (--set method_args.cdep_relu=...)")

@@ -1,8 +1,9 @@
 """MEGL's objective (docs/methods.md) and the CE-only baseline.
 
-    L = CE + λ_text·L_text + λ_vis·[1_V·L1(Â, A) + w_KL·(1 − 1_V)·KL(Â ‖ Ā)]
+    L = CE + λ_text·L_text + λ_vis·[1_V·L1(Â, A) + w_KL·(1 − 1_V)·KL(Â ‖ Ā)] + λ_bg·L_bg
 
-(w_KL = config.kl_weight; the paper's form is w_KL = 1.)
+(w_KL = config.kl_weight; the paper's form is w_KL = 1. L_bg, `background_loss`, is megl's extension;
+λ_bg = config.lambda_background = 0 is the paper's objective.)
 
 Â is the Grad-CAM saliency of the ground-truth class, from the fused op, whose per-sample l1 (0 on samples without
 a mask) and kl (0 on samples with one) are averaged over the batch. Ablation switches (paper Table 4):
@@ -15,6 +16,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from megl.config import BACKGROUND_MODES
 
 from .common import PARTS
 
@@ -37,9 +40,6 @@ def remove_object(image: torch.Tensor, mask: torch.Tensor, fill: Optional[torch.
 
 def batch_colour(image: torch.Tensor) -> torch.Tensor:
     return image.detach().mean((0, 2, 3), keepdim=True)
-
-
-BACKGROUND_MODES = ("uniform", "swap")
 
 
 def _logits(classifier, x: torch.Tensor) -> torch.Tensor:
@@ -98,11 +98,9 @@ def megl_loss(model, batch, prior, config) -> dict:
         raise ValueError("megl_loss: the consistency (KL) term needs the prior Ā: pass "
                          "megl.data.mean_mask_prior(train_split), or set use_consistency=False")
     use_text = config.use_text and config.lambda_text != 0
-    lambda_bg = getattr(config, "lambda_background", 0.0)
-    if lambda_bg:
-        bg = background_loss(model.classifier, image, batch["mask"], batch["has_mask"], label,
-                             getattr(config, "background_mode", "uniform"))
-        parts["background"] = lambda_bg * bg
+    if config.lambda_background:
+        bg = background_loss(model.classifier, image, batch["mask"], batch["has_mask"], label, config.background_mode)
+        parts["background"] = config.lambda_background * bg
         total = total + parts["background"]
         terms["background"] = bg.detach()
     if not (use_visual or use_consistency or use_text):
