@@ -1,6 +1,7 @@
 """Text metrics: equal to calling pycocoevalcap directly; SPICE / Java handling; no leaked Java processes."""
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -56,7 +57,9 @@ def _direct(preds, refs):
 
 
 def test_caption_metrics_equal_direct_pycocoevalcap_and_close_java():
-    ours = caption_metrics(PREDS, REFS)
+    with text_metrics.shared_meteor():  # one METEOR for both calls, as experiments uses it
+        ours = caption_metrics(PREDS, REFS)
+        assert caption_metrics(PREDS, REFS) == ours
     direct = _direct(PREDS, REFS)
     for key, value in direct.items():
         assert ours[key] == pytest.approx(value, abs=1e-12), key
@@ -67,6 +70,40 @@ def test_caption_metrics_equal_direct_pycocoevalcap_and_close_java():
     else:   # SPICE reported as unavailable, with how to enable it, and the rest still computed
         assert ours["spice"] is None and "get_stanford_models" in ours["spice_note"]
     assert _java_children() == []
+
+
+class _FakeMeteor:
+    """Stands for pycocoevalcap's Meteor: a live child process and a score, without Java's start-up."""
+    started: list = []
+
+    def __init__(self):
+        self.meteor_p = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _FakeMeteor.started.append(self)
+
+    def compute_score(self, gts, res):
+        return 0.5, [0.5] * len(res)
+
+
+def test_shared_meteor_starts_one_process_and_closes_it_when_the_block_ends(monkeypatch):
+    from pycocoevalcap.meteor import meteor as meteor_module
+    monkeypatch.setattr(meteor_module, "Meteor", _FakeMeteor)
+    _FakeMeteor.started = []
+    with text_metrics._meteor() as alone:  # outside a block: one process per call, closed after it
+        pass
+    assert alone.meteor_p.poll() is not None
+    with text_metrics.shared_meteor():
+        for _ in range(3):
+            with text_metrics._meteor() as m:
+                assert m.meteor_p.poll() is None
+        with text_metrics.shared_meteor():  # a nested block leaves the process to the outer one
+            with text_metrics._meteor():
+                pass
+        assert len(_FakeMeteor.started) == 2 and _FakeMeteor.started[1].meteor_p.poll() is None
+    assert _FakeMeteor.started[1].meteor_p.poll() is not None
+    with pytest.raises(RuntimeError, match="boom"), text_metrics.shared_meteor():
+        with text_metrics._meteor():
+            raise RuntimeError("boom")
+    assert len(_FakeMeteor.started) == 3 and _FakeMeteor.started[2].meteor_p.poll() is not None
 
 
 def test_perfect_rationales_score_one_and_missing_references_are_skipped():

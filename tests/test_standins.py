@@ -101,6 +101,7 @@ def test_llm_pretraining_lowers_perplexity(data):
 
 def test_cache_is_reused_and_invalidated_by_the_data_config(data, tmp_path, monkeypatch):
     _, splits, tok = data
+    monkeypatch.setattr(P, "LLM_EPOCHS", 1)  # the cache's logic, not the model's quality
     cfg = Config(**{**SMALL, "clip_model": "tiny-random"})  # the LLM alone (its image slot then holds noise)
     calls = []
     real = standins._pretrain

@@ -548,12 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Sample id = key; masks are looked up by key, then by image stem.")
     a.add_argument("--exp", action="append", required=True, metavar="[SPLIT=]FILE",
                    help="ACT-X json, optionally tagged train=/val=/test= (repeatable)")
-    a.add_argument("--image-field", default="img_id,iid,image_name,image,img_name",
-                   help="image name fields, first present wins (default: %(default)s)")
-    a.add_argument("--answer-field", default="ans,answers,answer,label",
-                   help="activity label fields (default: %(default)s)")
-    a.add_argument("--exp-field", default="exp,explanation,explanations",
-                   help="explanation fields (default: %(default)s)")
+    for flag, fields, what in (("--image-field", "img_id,iid,image_name,image,img_name", "image name fields"),
+                               ("--answer-field", "ans,answers,answer,label", "activity label fields"),
+                               ("--exp-field", "exp,explanation,explanations", "explanation fields")):
+        a.add_argument(flag, default=fields, help=f"{what}, first present wins (default: %(default)s)")
     _common(a, min_count=1, max_classes=0)
     d = _subcommand(sub, "decoy-mnist", help="MNIST IDX files -> DecoyMNIST (Ross et al. 2017) in the Object-ME format",
                        description="A 4x4 swatch in a random corner of every digit, grey shade 255 - 25*label in "

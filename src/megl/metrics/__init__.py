@@ -9,11 +9,11 @@ clipscore       CLIPScore with an open_clip model
 from .classification import classification_metrics, confusion_matrix
 from .clipscore import clip_score, clip_scores, load_open_clip, preprocess_for_clip
 from .faithfulness import DEFAULT_FRACTIONS, comprehensiveness_sufficiency, top_fraction_mask
-from .text import caption_metrics, check_java, spice_status
+from .text import caption_metrics, check_java, shared_meteor, spice_status
 from .visual import VisualMetrics, iou, pixel_scores, visual_metrics
 
 __all__ = [
     "DEFAULT_FRACTIONS", "VisualMetrics", "caption_metrics", "check_java", "classification_metrics", "clip_score",
     "clip_scores", "comprehensiveness_sufficiency", "confusion_matrix", "iou", "load_open_clip", "pixel_scores",
-    "preprocess_for_clip", "spice_status", "top_fraction_mask", "visual_metrics",
+    "preprocess_for_clip", "shared_meteor", "spice_status", "top_fraction_mask", "visual_metrics",
 ]

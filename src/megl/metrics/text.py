@@ -3,10 +3,12 @@
 Generated and reference rationales are first tokenised by pycocoevalcap's PTB tokenizer (Stanford CoreNLP:
 lower-cased, punctuation dropped), exactly as the COCO caption evaluation does; each generated rationale is
 scored against all reference rationales of its image. The tokenizer, METEOR and SPICE run Java: every Java
-process started here is waited for or killed before returning.
+process started here is waited for or killed before returning, or, inside a `shared_meteor()` block, when the
+block ends.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -80,6 +82,43 @@ def _close_meteor(meteor) -> None:
                 f.close()
 
 
+_SHARED_METEOR: list = []  # [Meteor or None] while a shared_meteor() block is open
+
+
+@contextlib.contextmanager
+def shared_meteor():
+    """Within this block every caption_metrics call reuses one METEOR process.
+
+    Starting METEOR loads its paraphrase table, seconds of Java per call; a table of several runs pays it once.
+    The process is closed when the block ends, also on an exception.
+    """
+    if _SHARED_METEOR:  # nested: the outer block owns the process
+        yield
+        return
+    _SHARED_METEOR.append(None)
+    try:
+        yield
+    finally:
+        meteor = _SHARED_METEOR.pop()
+        if meteor is not None:
+            _close_meteor(meteor)
+
+
+@contextlib.contextmanager
+def _meteor():
+    from pycocoevalcap.meteor.meteor import Meteor
+    if _SHARED_METEOR:
+        if _SHARED_METEOR[0] is None:
+            _SHARED_METEOR[0] = Meteor()
+        yield _SHARED_METEOR[0]
+        return
+    meteor = Meteor()
+    try:
+        yield meteor
+    finally:
+        _close_meteor(meteor)
+
+
 def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]],
                     spice: str = "auto") -> dict:
     """Corpus BLEU-4, METEOR, ROUGE-L, CIDEr(-D) and SPICE of `predictions` against `references`.
@@ -102,7 +141,6 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
 
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     # One tokenizer call for both sides (one Java start instead of two; tokenisation is per line).
@@ -114,11 +152,8 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     result["bleu4"] = float(bleu[3])
-    meteor = Meteor()
-    try:
+    with _meteor() as meteor:
         result["meteor"] = float(meteor.compute_score(gts, res)[0])
-    finally:
-        _close_meteor(meteor)
     result["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     result["cider"] = float(Cider().compute_score(gts, res)[0])
 
