@@ -154,6 +154,21 @@ def test_closed_form_with_dropout_in_train_mode_uses_this_calls_mask(inplace):
     torch.testing.assert_close(a.saliency, b.saliency, rtol=1e-5, atol=1e-6)
 
 
+def test_closed_form_keeps_each_forwards_dropout_mask_with_its_output():
+    # MEGL's background term runs a second forward (another batch size) before the first one's gradients
+    cam = GradCAM(GapNet(p=0.5).train(), "act")
+    cam(torch.rand(2, 3, 16, 16))  # the first call picks the path
+    t = torch.zeros(4, dtype=torch.long)
+    _, raw = cam.forward(torch.rand(4, 3, 16, 16))
+    scale = cam.dropout_scale(raw)
+    expected = cam.gradients(None, raw, t)
+    _, other = cam.forward(torch.rand(2, 3, 16, 16))
+    with pytest.raises(RuntimeError, match="another forward has run since"):
+        cam.gradients(None, raw, t)
+    torch.testing.assert_close(cam.gradients(None, raw, t, dropout_scale=scale), expected)
+    assert cam.gradients(None, other, t[:2]).shape[0] == 2
+
+
 @pytest.mark.parametrize("layer,tail,why", [
     ("body", None, "ReluBackward"),  # a ReLU between the layer and the pooling
     ("act", nn.Conv2d(16, 16, 1), "ConvolutionBackward"),
@@ -334,9 +349,12 @@ def test_any_torchvision_backbone_in_megl_model():
                  synthetic={"n_train": 8, "n_val": 2, "n_test": 2, "num_classes": 3, "mask_fraction": 0.5}).validate()
     train = make_splits(cfg)["train"]
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, 300)
-    model = build_model(cfg, train.class_names, tok)
+    with pytest.warns(UserWarning, match=r"grid at 'features' is 2x2 at image_size=64.*about 128 px"):
+        model = build_model(cfg, train.class_names, tok)
     clf = model.classifier
     assert clf.target_layer == "features" and clf.grid == (2, 2) and clf.feature_dim == 576
+    bns = [m for m in clf.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.1 for m in bns)  # torchvision's 0.01 replaced (config.bn_momentum)
     batch = collate([train.expanded(False)[i] for i in range(4)])
     terms = model.loss(batch, mean_mask_prior(train))
     terms["total"].backward()
@@ -371,9 +389,11 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     donor = torchvision.models.mobilenet_v3_small(num_classes=10)  # another head size: the head stays random
     torch.save(donor.state_dict(), tmp_path / "w.pth")
-    clf = TorchvisionClassifier("mobilenet_v3_small", 3, 32, weights=str(tmp_path / "w.pth"))
+    with pytest.warns(UserWarning, match="too coarse"):  # 1x1 at 32 px
+        clf = TorchvisionClassifier("mobilenet_v3_small", 3, 32, weights=str(tmp_path / "w.pth"))
+    assert all(m.momentum == 0.01 for m in clf.net.modules() if isinstance(m, torch.nn.BatchNorm2d))  # kept
     torch.testing.assert_close(clf.net.features[0][0].weight, donor.features[0][0].weight)
     assert clf.net.classifier[3].weight.shape == (3, 1024)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a state dict of this architecture"):
-        TorchvisionClassifier("mobilenet_v3_small", 3, 32, weights=str(tmp_path / "other.pth"))
+        TorchvisionClassifier("mobilenet_v3_small", 3, 128, weights=str(tmp_path / "other.pth"))

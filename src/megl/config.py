@@ -43,6 +43,7 @@ LIMITS: dict[str, tuple[Optional[float], Optional[float]]] = {
     "lora_dropout": (0, 1),
     "warmup_fraction": (0, 1),
     "min_lr_ratio": (0, 1),
+    "bn_momentum": (0, 1),
     "clip_feature_layer": (None, None),  # a block index; negative counts from the end
 }
 
@@ -80,6 +81,9 @@ class Config:
     cnn_gradcam_layer: str = "conv2"  # cnn: Grad-CAM at the second conv (8x8 at 28 px) or the first (24x24)
     # any other torchvision model name (or timm:NAME): Grad-CAM layer, default the family's (megl.models.torchvision_backbones)
     target_layer: Optional[str] = None
+    # their BatchNorm momentum; None keeps the family's. MobileNetV3 / EfficientNet ship 0.01, tuned for long
+    # ImageNet runs: in a short run their eval-mode statistics still lag the weights (docs/gradcam.md)
+    bn_momentum: Optional[float] = 0.1
 
     # --- CLIP vision encoder (frozen)
     # "tiny-random" (default), "tiny" (pretrained stand-in) or an open_clip model name ("ViT-L-14"). The default stays

@@ -243,7 +243,9 @@ class GradCAM:
         self._head: Optional[_Head] = None
         self.mode: Optional[str] = None  # "closed-form" or "autograd", decided by the first call
         self._checked = False  # the autograd path's reachability check ran
-        self._dropout_scale: Optional[Tensor] = None  # (B, K) this call's dropout mask / (1 - p), closed form
+        # closed form in train mode: (raw, (B, K) dropout mask / (1 - p)) of the latest forward, so that the
+        # gradients of another forward's output never read this one's mask
+        self._dropout_scale: Optional[tuple[Tensor, Tensor]] = None
         self._handles: list = []
         self.reason = ""  # why the mode was chosen (first call)
 
@@ -349,7 +351,7 @@ class GradCAM:
                 for i, m in enumerate(self._head.dropouts):
                     if m.training and m.p > 0 and m in probe.dropout_in:
                         drop[("in", i)], drop[("out", i)] = probe.dropout_in[m], probe.dropout_out[m]
-        self._dropout_scale = None
+        scale = None
         for i in range(len(self._head.dropouts) if self.mode == "closed-form" else 0):
             if ("in", i) in drop:
                 x_in, x_out = drop[("in", i)], drop[("out", i)]
@@ -357,8 +359,22 @@ class GradCAM:
                 # Grad-CAM weight multiplies nothing: 1 there
                 s = torch.where(x_in != 0, x_out / torch.where(x_in != 0, x_in, 1), 1).float()
                 s = s.reshape(s.shape[0], -1)
-                self._dropout_scale = s if self._dropout_scale is None else self._dropout_scale * s
+                scale = s if scale is None else scale * s
+        self._dropout_scale = None if scale is None else (raw, scale)
         return logits, raw
+
+    def dropout_scale(self, raw: Tensor) -> Optional[Tensor]:
+        """The closed form's (B, K) dropout factor for `raw`, the layer output of the latest forward (None: no
+        dropout was active). Keep it with that output when other forwards run before its gradients."""
+        if self._dropout_scale is None:
+            return None
+        owner, scale = self._dropout_scale
+        if owner is not raw:
+            raise RuntimeError(
+                "GradCAM: in train mode the closed form needs the dropout mask of the forward that made this "
+                "output, and another forward has run since; take cam.dropout_scale(raw) right after that forward "
+                "and pass it to gradients(..., dropout_scale=...)")
+        return scale
 
     def activations(self, raw: Tensor) -> Tensor:
         """The layer's output as (B, K, h, w) float32 (after `reshape`)."""
@@ -370,14 +386,18 @@ class GradCAM:
         return A.float()
 
     def gradients(self, logits: Tensor, raw: Tensor, targets: Tensor, create_graph: bool = True,
-                  spatial: Optional[tuple[int, int]] = None) -> Tensor:
-        """d logit_target / d activations, (B, K, h, w) float32; differentiable when `create_graph`."""
+                  spatial: Optional[tuple[int, int]] = None, dropout_scale: Union[None, Tensor, str] = "latest"
+                  ) -> Tensor:
+        """d logit_target / d activations, (B, K, h, w) float32; differentiable when `create_graph`.
+
+        dropout_scale (closed form, train mode): "latest" reads the latest forward's (`raw` must be its output),
+        or pass what `dropout_scale(raw)` gave right after the forward that made `raw`."""
         if self.mode == "closed-form":
             head = self._head
             if spatial is None:
                 spatial = tuple(self.activations(raw).shape[-2:])
             G = gap_linear_gradcam_gradients(head.linear.weight, targets, spatial)
-            scale = self._dropout_scale
+            scale = self.dropout_scale(raw) if isinstance(dropout_scale, str) else dropout_scale
             if scale is not None:
                 G = G * scale[:, :, None, None]
             return G.float()

@@ -213,7 +213,8 @@ def build_classifier(config, num_classes: int) -> Classifier:
     from .torchvision_backbones import TorchvisionClassifier
 
     return TorchvisionClassifier(config.backbone, num_classes, config.image_size,
-                                 getattr(config, "target_layer", None), config.classifier_weights)
+                                 getattr(config, "target_layer", None), config.classifier_weights,
+                                 bn_momentum=config.bn_momentum)
 
 
 __all__ = ["Classifier", "ClassifierOutput", "ResNet18Classifier", "ViTClassifier", "build_classifier"]

@@ -8,6 +8,7 @@ SDTG reads (Z_I) are the target layer's grid, one token per Grad-CAM cell, whate
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -149,15 +150,22 @@ def load_backbone_weights(net: nn.Module, path: str) -> None:
                          f"{stray[:3]}); check classifier_weights against --backbone")
 
 
+MIN_GRID = 4  # cells per side below which a Grad-CAM map cannot localise an object (a warning names the fix)
+
+
 class TorchvisionClassifier(Classifier):
     """A torchvision / timm classification network for megl.train: images in [0, 1] (ImageNet-normalised inside),
     Grad-CAM at `target_layer` (default: the family's), Z_I = the target layer's grid as tokens."""
 
     def __init__(self, name: str, num_classes: int, image_size: int, target_layer: Optional[str] = None,
-                 weights: Optional[str] = None):
+                 weights: Optional[str] = None, bn_momentum: Optional[float] = None):
         super().__init__()
         self.name = name
         self.net = build_network(name, num_classes, image_size)
+        if bn_momentum is not None:
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = bn_momentum
         if weights is not None:
             load_backbone_weights(self.net, weights)
         reshape = None
@@ -180,6 +188,12 @@ class TorchvisionClassifier(Classifier):
             self.net.train(was)
         self.grid = tuple(A.shape[-2:])
         self.feature_dim = A.shape[1]
+        if min(self.grid) < MIN_GRID:  # e.g. a 32x-downsampling family at megl's 32 px default
+            warnings.warn(
+                f"{name}: Grad-CAM's grid at {self.target_layer!r} is {self.grid[0]}x{self.grid[1]} at "
+                f"image_size={image_size}, too coarse for a map to say where the object is; raise --set "
+                f"image_size (about {MIN_GRID * image_size // min(self.grid)} px) or pick an earlier layer with "
+                f"--set target_layer=...", UserWarning, stacklevel=2)
 
     @property
     def mode(self) -> str:
@@ -190,6 +204,7 @@ class TorchvisionClassifier(Classifier):
         A = self.cam.activations(raw)
         out = _Output(logits, A, A.flatten(2).transpose(1, 2))
         out.layer_output = raw  # what autograd differentiates (A may be a reshape of it)
+        out.dropout_scale = self.cam.dropout_scale(raw)  # this forward's, whatever forwards come before the gradients
         return out
 
     def gradcam_gradients(self, out: ClassifierOutput, target: Tensor, create_graph: bool = True) -> Tensor:
@@ -197,7 +212,7 @@ class TorchvisionClassifier(Classifier):
         if raw is None:
             raise TypeError("gradcam_gradients: pass the output of this classifier's forward")
         return self.cam.gradients(out.logits, raw, target.long(), create_graph=create_graph,
-                                  spatial=tuple(out.activations.shape[-2:]))
+                                  spatial=tuple(out.activations.shape[-2:]), dropout_scale=out.dropout_scale)
 
     def explain_forward(self, image01: Tensor) -> ClassifierOutput:
         if self.cam.mode == "closed-form":
