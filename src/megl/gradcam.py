@@ -28,6 +28,7 @@ import difflib
 import logging
 import math
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -243,9 +244,9 @@ class GradCAM:
         self._head: Optional[_Head] = None
         self.mode: Optional[str] = None  # "closed-form" or "autograd", decided by the first call
         self._checked = False  # the autograd path's reachability check ran
-        # closed form in train mode: (raw, (B, K) dropout mask / (1 - p)) of the latest forward, so that the
-        # gradients of another forward's output never read this one's mask
-        self._dropout_scale: Optional[tuple[Tensor, Tensor]] = None
+        # closed form in train mode: (weakref to raw, (B, K) dropout mask / (1 - p)) of the latest forward, so
+        # that the gradients of another forward's output never read this one's mask (weak: raw keeps its graph)
+        self._dropout_scale: Optional[tuple[weakref.ref, Tensor]] = None
         self._handles: list = []
         self.reason = ""  # why the mode was chosen (first call)
 
@@ -360,7 +361,7 @@ class GradCAM:
                 s = torch.where(x_in != 0, x_out / torch.where(x_in != 0, x_in, 1), 1).float()
                 s = s.reshape(s.shape[0], -1)
                 scale = s if scale is None else scale * s
-        self._dropout_scale = None if scale is None else (raw, scale)
+        self._dropout_scale = None if scale is None else (weakref.ref(raw), scale)
         return logits, raw
 
     def dropout_scale(self, raw: Tensor) -> Optional[Tensor]:
@@ -369,7 +370,7 @@ class GradCAM:
         if self._dropout_scale is None:
             return None
         owner, scale = self._dropout_scale
-        if owner is not raw:
+        if owner() is not raw:
             raise RuntimeError(
                 "GradCAM: in train mode the closed form needs the dropout mask of the forward that made this "
                 "output, and another forward has run since; take cam.dropout_scale(raw) right after that forward "
