@@ -93,3 +93,24 @@ def test_data_errors_inside_train_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^megl.train: error: .*exp_annotation.json not found") as e:
         main(["--data-root", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--no-progress"])
     assert "Traceback" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")])
+def test_a_full_disk_ends_a_cli_with_one_line(error):
+    from megl.errors import cli
+
+    @cli("megl.train")
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert str(e.value.code).startswith("megl.train: error: no space left on the device") and "--resume" in str(e.value.code)
+
+    @cli("megl.train")
+    def buggy():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # everything else keeps its traceback
+        buggy()
