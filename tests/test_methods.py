@@ -99,7 +99,9 @@ def test_gradia_hand_value():
     # |s - A| = [0, 1/3, 1/3, 0] -> 1/6 on the one annotated sample; the unannotated one adds CE only
     assert out["visual"].item() == pytest.approx(1 / 6, abs=1e-7)
     assert out["ce"].item() == pytest.approx(ce, abs=1e-9)
-    assert out["total"].item() == pytest.approx(ce + 1 / 6, abs=1e-7)
+    from megl.losses.gradia import DEFAULTS
+
+    assert out["total"].item() == pytest.approx(ce + DEFAULTS["gradia_lambda"] / 6, abs=1e-6)
     out = gradia_loss(model, batch, None, {"saliency_backend": "reference", "method_args": {"gradia_lambda": 3.0}})
     assert out["total"].item() == pytest.approx(ce + 3 / 6, abs=1e-7)
 
@@ -120,8 +122,10 @@ def test_haics_hand_value():
     eps = 1e-4
     # pixels (s, A): (0->eps, 0), (1/3, 0), (2/3, 1), (1->1-eps, 1)
     expected = (-math.log(1 - eps) - math.log(2 / 3) - math.log(2 / 3) - math.log(1 - eps)) / 4
+    from megl.losses.haics import DEFAULTS
+
     assert out["visual"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["total"].item() == pytest.approx(ce + expected, rel=1e-5)
+    assert out["total"].item() == pytest.approx(ce + DEFAULTS["haics_lambda"] * expected, rel=1e-5)
 
 
 def test_haics_annotated_pixels_restrict_the_loss():

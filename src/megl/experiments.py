@@ -308,7 +308,7 @@ def settings_note(base: dict, seeds: Sequence[int], quick: bool) -> str:
     return (f"Settings: data {synth}{sizes}, image {base['image_size']} px, epochs {base['epochs']}, batch "
             f"{base['batch_size']}, lr {base['lr']}, seeds {list(seeds)}, ResNet18 stem max-pool "
             f"{base['resnet_stem_maxpool']} and layer4 stride {base.get('resnet_layer4_stride', 2)}; {vit}; CLIP {base['clip_model']}, LLM {base['llm']}. "
-            "Method hyper-parameters: the defaults of megl/losses/<method>.py (their papers') unless --set "
+            "Method hyper-parameters: the defaults of megl/losses/<method>.py (docs/recipe.md §3) unless --set "
             "method_args.<name>=... .")
 
 
