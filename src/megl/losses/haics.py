@@ -7,8 +7,9 @@ the annotated pixels.
 
 In HAICS the annotation is a scribble map (some pixels marked relevant, some irrelevant, the rest unlabelled);
 Object-ME / Action-ME masks label every pixel of an annotated image (1 relevant, 0 not), so P is every pixel of
-every sample with has_mask, unless `annotated_pixels` says otherwise. Default λ = 1 (the RES reference code,
-github.com/YuyangGao/RES, `--transforms HAICS`, adds the BCE term unweighted).
+every sample with has_mask, unless `annotated_pixels` says otherwise. Default λ = 30, chosen by megl.sweep on
+megl.train's default data (docs/recipe.md §3); the paper's is 1 (the RES reference code, github.com/YuyangGao/RES,
+`--transforms HAICS`, adds the BCE term unweighted).
 Â is clamped to [ε, 1 − ε] (ε = 1e-4) before the log: Grad-CAM maps reach exactly 0 and 1 after min-max
 normalisation, where BCE and its gradient are infinite.
 """

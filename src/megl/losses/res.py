@@ -16,8 +16,9 @@ annotation — RES-G: a fixed 3×3 Gaussian filter at the Grad-CAM grid; RES-L: 
 binary mask (the "S1" shallow imputation: one Conv2d with kernel 2r, stride r, padding r/2, where r = image size
 / Grad-CAM size — (64, 32, 16) at 224 px → 7×7 in the paper), min-max normalised.
 
-Defaults (reference code github.com/YuyangGao/RES, RES.py and its README run lines for RES-G / RES-L):
-λ = 1 (the attention loss is added unweighted), η = 0.1 (`--eta 0.1`; the EGL survey's re-run used 0.01),
+Defaults (reference code github.com/YuyangGao/RES, RES.py and its README run lines for RES-G / RES-L), except
+λ = 30, chosen for both by megl.sweep on megl.train's default data (docs/recipe.md §3; the reference adds the
+attention loss unweighted, λ = 1), η = 0.1 (`--eta 0.1`; the EGL survey's re-run used 0.01),
 k = 5 (`torch.tanh(5*(att_maps - a))`), imputation regulariser weight 0 (`--reg 0.0`, as the survey also sets).
 Maps are compared at image resolution (the paper: at the 7×7 Grad-CAM grid), so all methods share one saliency.
 """
