@@ -8,8 +8,9 @@ and the human positive mask, on the annotated samples only.
 Default λ = 30, chosen by megl.sweep on megl.train's default data (validation accuracy, 3 seeds, 1/3/10/30;
 docs/recipe.md §3). The paper's λ is 1: the reference implementation adds the attention loss unweighted (`loss =
 task_loss + attention_loss` in GRADIA.py and RES.py of github.com/YuyangGao/GRADIA / YuyangGao/RES), averaging
-the L1 over the annotated samples and pixels; `--set method_args.gradia_lambda=1` gives it. The paper's Grad-CAM map is 7×7 (labels resized to it); here the map is
-compared at image resolution after bilinear upsampling, as MEGL does, so that all methods share one saliency.
+the L1 over the annotated samples and pixels; `--set method_args.gradia_lambda=1` gives it. The paper's Grad-CAM
+map is 7×7 (labels resized to it); here the map is compared at image resolution after bilinear upsampling, as
+MEGL does, so that all methods share one saliency.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from torch import Tensor
 
 from .common import cross_entropy, hparam, method_gradcam_pass, n_annotated, result
 
-# λ = 30, not the paper's 1: chosen on megl.train's default data by validation accuracy (docs/recipe.md §3)
 DEFAULTS = {"gradia_lambda": 30.0}
 
 

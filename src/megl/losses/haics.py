@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .common import cross_entropy, hparam, method_gradcam_pass, result
 
-# λ = 30, not the paper's 1: chosen on megl.train's default data by validation accuracy (docs/recipe.md §3)
 DEFAULTS = {"haics_lambda": 30.0, "haics_eps": 1e-4}
 
 

@@ -33,8 +33,6 @@ from torch import Tensor
 
 from .common import classifier_of, cross_entropy, hparam, method_gradcam_pass, result
 
-# λ = 30, not the paper's 1: chosen for RES-G and RES-L on megl.train's default data by validation accuracy
-# (docs/recipe.md §3)
 DEFAULTS = {"res_lambda": 30.0, "res_eta": 0.1, "res_tanh_scale": 5.0, "res_reg": 0.0}
 BF_EPS = 1e-4  # RES.py BF_solver: "v = x[idx] + epsilon" for negative candidates
 NORM_EPS = 1e-6  # RES.py: "temp / (torch.max(temp) + 1e-6)"
