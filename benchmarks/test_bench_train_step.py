@@ -46,7 +46,9 @@ def _build(backbone, device):
     from megl.models.tokenizer import train_tokenizer
 
     B, S = _setting()
-    config = Config(backbone=backbone, image_size=S, device=device, resnet_stem_maxpool=S >= 224, batch_size=B)
+    # random stand-ins: the same architecture and cost as the pretrained ones, without pretraining per setting
+    config = Config(backbone=backbone, image_size=S, device=device, resnet_stem_maxpool=S >= 224, batch_size=B,
+                    clip_model="tiny-random", llm="tiny-random")
     syn = SyntheticConfig(n_train=max(2 * B, 16), n_val=0, n_test=0, image_size=S, num_classes=8, mask_fraction=0.5)
     splits = make_splits(syn, expand_train_rationales=False)
     train = splits["train"]

@@ -345,6 +345,7 @@ def test_any_torchvision_backbone_in_megl_model():
     from megl.runs import make_splits
 
     cfg = Config(backbone="mobilenet_v3_small", image_size=64, clip_image_size=32, tiny_clip_width=32,
+                 clip_model="tiny-random", llm="tiny-random",
                  tiny_llm_hidden=32, tokenizer_vocab_size=300, max_new_tokens=4,
                  synthetic={"n_train": 8, "n_val": 2, "n_test": 2, "num_classes": 3, "mask_fraction": 0.5}).validate()
     train = make_splits(cfg)["train"]

@@ -86,9 +86,9 @@ class Config:
     bn_momentum: Optional[float] = 0.1
 
     # --- CLIP vision encoder (frozen)
-    # "tiny-random" (default), "tiny" (pretrained stand-in) or an open_clip model name ("ViT-L-14"). The default stays
-    # random until pretraining fits its budget: measured at 10+ minutes each on this CPU class (docs/standins.md)
-    clip_model: str = TINY_RANDOM
+    # "tiny" (default: pretrained on the run's training split, then frozen; ~10 s on 2 CPU cores, cached),
+    # "tiny-random" (the same architecture random-initialised: tests, smoke runs) or an open_clip model name ("ViT-L-14")
+    clip_model: str = TINY
     clip_weights: Optional[str] = None  # local checkpoint for open_clip.create_model(pretrained=...)
     clip_image_size: int = 32  # tiny CLIP only (named models use their own size); 4×4 patches = the Grad-CAM grid
     clip_feature_layer: int = -2  # which block's patch tokens (LLaVA: the penultimate)
@@ -98,7 +98,7 @@ class Config:
     tiny_clip_context: int = 32  # text tower positions; rationales and class prompts are far shorter
 
     # --- LLM (Vicuna v1.5 or a tiny Llama) + LoRA
-    llm: str = TINY_RANDOM  # "tiny-random", "tiny" (pretrained stand-in) or a local directory for from_pretrained
+    llm: str = TINY  # "tiny" (pretrained stand-in, ~20 s, cached), "tiny-random" or a directory for from_pretrained
     tokenizer_vocab_size: int = 600  # tiny LLM: BPE vocabulary trained on the rationales and prompts
     tiny_llm_hidden: int = 64
     tiny_llm_layers: int = 2

@@ -1,8 +1,9 @@
 """`python -m megl.train`: train MEGL (or a comparison method) and write a run directory.
 
 With no arguments: the synthetic colour-cue decoy data (megl.config.STORY_DATA), ResNet18 at 32 px (no stem
-max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM (random, frozen; `--set clip_model=tiny --set llm=tiny` pretrains
-them on the training split first: megl.models.standins), on CPU, 6 epochs of warmup + cosine
+max-pool, layer4 stride 1: 4×4 Grad-CAM map), the tiny CLIP and LLM pretrained on the training split first and then
+frozen (megl.models.standins: cached, so only the first run pays; `--set clip_model=tiny-random --set llm=tiny-random`
+skips it), on CPU, 6 epochs of warmup + cosine
 (docs/recipe.md). The batch size is per process (global batch = batch_size × processes). Every `checkpoint_every` steps and at every epoch end the full training state (model,
 optimiser, RNG states, sampler position) is written atomically, so `--resume RUN_DIR` after a crash (even SIGKILL)
 continues exactly where the checkpoint was and, in deterministic mode, ends with the same metrics.
