@@ -39,7 +39,7 @@ def _build(backbone, device):
     key = (backbone, device)
     if key in _CACHE:
         return _CACHE[key]
-    from megl.config import Config
+    from megl.config import RANDOM_STANDINS, Config
     from megl.data import collate, mean_mask_prior
     from megl.data.synthetic import SyntheticConfig, make_splits
     from megl.models import build_model
@@ -48,7 +48,7 @@ def _build(backbone, device):
     B, S = _setting()
     # random stand-ins: the same architecture and cost as the pretrained ones, without pretraining per setting
     config = Config(backbone=backbone, image_size=S, device=device, resnet_stem_maxpool=S >= 224, batch_size=B,
-                    clip_model="tiny-random", llm="tiny-random")
+                    **RANDOM_STANDINS)
     syn = SyntheticConfig(n_train=max(2 * B, 16), n_val=0, n_test=0, image_size=S, num_classes=8, mask_fraction=0.5)
     splits = make_splits(syn, expand_train_rationales=False)
     train = splits["train"]

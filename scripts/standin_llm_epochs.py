@@ -15,7 +15,6 @@ from megl.config import Config
 from megl.metrics import caption_metrics
 from megl.models import pretrain as P
 from megl.models import standins
-from megl.models.clip import tiny_clip
 from megl.models.conversation import PromptBuilder
 from megl.models.llm import tiny_llama
 from megl.models.sdtg import greedy_generate
@@ -31,10 +30,7 @@ if __name__ == "__main__":
     splits = runs.make_splits(cfg)
     train, val = splits["train"], splits["val"]
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, cfg.tokenizer_vocab_size)
-    clip = tiny_clip(cfg)
-    clip.load_state_dict(standins.obtain("clip", cfg, splits, None, None, print)[0])
-    clip.requires_grad_(False)
-    vis = {n: P.clip_tokens(clip, s, cfg.clip_feature_layer, (P.N_VISUAL_GRID,) * 2) for n, s in (("train", train), ("val", val))}
+    vis = standins.image_slot_tokens(cfg, splits)
     names = [train.class_names[r.label] for r in val.records]
     for epochs in (int(e) for e in args.epochs.split(",")):
         torch.manual_seed(cfg.seed)

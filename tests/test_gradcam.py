@@ -339,13 +339,13 @@ def test_compiled_model_closed_form():
 
 # ----------------------------------------------------------------------------- megl.train backbones, example
 def test_any_torchvision_backbone_in_megl_model():
-    from megl.config import Config
+    from megl.config import RANDOM_STANDINS, Config
     from megl.data import collate, mean_mask_prior
     from megl.models import build_model, train_tokenizer
     from megl.runs import make_splits
 
     cfg = Config(backbone="mobilenet_v3_small", image_size=64, clip_image_size=32, tiny_clip_width=32,
-                 clip_model="tiny-random", llm="tiny-random",
+                 **RANDOM_STANDINS,
                  tiny_llm_hidden=32, tokenizer_vocab_size=300, max_new_tokens=4,
                  synthetic={"n_train": 8, "n_val": 2, "n_test": 2, "num_classes": 3, "mask_fraction": 0.5}).validate()
     train = make_splits(cfg)["train"]

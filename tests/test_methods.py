@@ -14,7 +14,9 @@ from megl.losses.cdep import (
     CDUnsupported, cd_maxpool, cd_module, cd_relu, cdep_loss, cdep_penalty, contextual_decomposition,
 )
 from megl.losses.common import hparam
+from megl.losses.gradia import DEFAULTS as GRADIA_DEFAULTS
 from megl.losses.gradia import gradia_loss
+from megl.losses.haics import DEFAULTS as HAICS_DEFAULTS
 from megl.losses.haics import haics_loss, haics_visual_loss
 from megl.losses.res import (
     ResImputation, bf_threshold, gaussian_imputation, res_g_loss, res_l_loss, res_visual_loss, setup_res_l,
@@ -99,9 +101,7 @@ def test_gradia_hand_value():
     # |s - A| = [0, 1/3, 1/3, 0] -> 1/6 on the one annotated sample; the unannotated one adds CE only
     assert out["visual"].item() == pytest.approx(1 / 6, abs=1e-7)
     assert out["ce"].item() == pytest.approx(ce, abs=1e-9)
-    from megl.losses.gradia import DEFAULTS
-
-    assert out["total"].item() == pytest.approx(ce + DEFAULTS["gradia_lambda"] / 6, abs=1e-6)
+    assert out["total"].item() == pytest.approx(ce + GRADIA_DEFAULTS["gradia_lambda"] / 6, abs=1e-6)
     out = gradia_loss(model, batch, None, {"saliency_backend": "reference", "method_args": {"gradia_lambda": 3.0}})
     assert out["total"].item() == pytest.approx(ce + 3 / 6, abs=1e-7)
 
@@ -122,10 +122,8 @@ def test_haics_hand_value():
     eps = 1e-4
     # pixels (s, A): (0->eps, 0), (1/3, 0), (2/3, 1), (1->1-eps, 1)
     expected = (-math.log(1 - eps) - math.log(2 / 3) - math.log(2 / 3) - math.log(1 - eps)) / 4
-    from megl.losses.haics import DEFAULTS
-
     assert out["visual"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["total"].item() == pytest.approx(ce + DEFAULTS["haics_lambda"] * expected, rel=1e-5)
+    assert out["total"].item() == pytest.approx(ce + HAICS_DEFAULTS["haics_lambda"] * expected, rel=1e-5)
 
 
 def test_haics_annotated_pixels_restrict_the_loss():

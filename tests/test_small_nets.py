@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megl.config import Config
+from megl.config import RANDOM_STANDINS, Config
 from megl.data import collate, load_splits, mean_mask_prior
 from megl.losses.cdep import _resnet_and_input, contextual_decomposition
 from megl.models import build_classifier, build_model, train_tokenizer
@@ -91,7 +91,7 @@ def decoy_root(tmp_path_factory):
 def _model(root, backbone, method):
     backbone, _, layer = backbone.partition("-")
     cfg = Config(backbone=backbone, method=method, image_size=28, data_root=str(root), tokenizer_vocab_size=300,
-                 clip_model="tiny-random", llm="tiny-random",
+                 **RANDOM_STANDINS,
                  cnn_gradcam_layer=layer or "conv2",
                  tiny_llm_hidden=32, tiny_clip_width=32, clip_image_size=32, saliency_backend="reference").validate()
     splits = load_splits(root, image_size=28)

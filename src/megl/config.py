@@ -21,6 +21,7 @@ BACKGROUND_MODES = ("swap", "uniform")  # the two forms of MEGL's background ter
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
 EMBEDDED = (TINY, TINY_RANDOM)
+RANDOM_STANDINS = {"clip_model": TINY_RANDOM, "llm": TINY_RANDOM}  # Config overrides: skip pretraining
 # The embedded default data (docs/recipe.md §5): the class is the object's colour, faint (contrast 0.4); the corner
 # decoy names the class in 95 % of training images and is random in val / test; 20 % of training images are masked.
 STORY_DATA = dict(n_train=600, num_classes=6, class_cue="colour", object_contrast=0.4, decoy_strength=0.95,

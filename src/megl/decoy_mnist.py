@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from megl.config import GRADCAM_METHODS, Config, apply_overrides, parse_value
+from megl.config import GRADCAM_METHODS, RANDOM_STANDINS, Config, apply_overrides, parse_value
 from megl.tables import markdown_table
 
 METHODS = ("baseline", "rrr", "cdep", "gradia", "haics", "res-g", "res-l", "megl")
@@ -57,7 +57,7 @@ SIZES["resnet18"] = SIZES["cnn"]
 # figures. MEGL's text term uses the random tiny CLIP / LLM, with which its rows were measured (the term's share of
 # the classifier's gradient is 0.00 there: docs/decoy_mnist.md); `--set clip_model=tiny --set llm=tiny` pretrains them.
 TRAIN: dict[str, Any] = {"image_size": 28, "batch_size": 64, "eval_batch_size": 500, "lr": 1e-3,
-                         "lr_schedule": "constant", "grad_clip": 0.0, "clip_model": "tiny-random", "llm": "tiny-random",
+                         "lr_schedule": "constant", "grad_clip": 0.0, **RANDOM_STANDINS,
                          "num_overlays": 0, "checkpoint_every": 10 ** 6, "clip_image_size": 32,
                          "tiny_clip_patch": 8, "max_new_tokens": 24}
 # cnn: the smallest budget at which a plain CNN trained on the hard digits *without* swatches comes within 0.5 points

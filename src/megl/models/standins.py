@@ -104,6 +104,19 @@ def _write(path: Path, state: dict, key: dict, report: dict) -> None:
 PROJECTOR = "sdtg.W_A."  # keys of the LLM stand-in's file that hold its pretraining projector (initialises W_A)
 
 
+def image_slot_tokens(config, splits, run_dir=None, log=print) -> dict:
+    """{"train": ..., "val": ...}: the pretrained CLIP's tokens of each split's images that fill the LLM's image slot
+    during its pretraining (`pretrain.clip_tokens`); the CLIP is obtained first (run directory, cache or pretrained)."""
+    from . import pretrain as P
+    from .clip import tiny_clip
+
+    clip = tiny_clip(config)
+    clip.load_state_dict(obtain("clip", config, splits, None, run_dir, log)[0])
+    clip.requires_grad_(False)
+    return {name: P.clip_tokens(clip, splits[name], config.clip_feature_layer, (P.N_VISUAL_GRID,) * 2)
+            for name in ("train", "val") if splits.get(name) is not None and len(splits[name]) > 0}
+
+
 def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> tuple[dict, dict]:
     from . import pretrain as P
     from .clip import clip_tokenizer, tiny_clip
@@ -111,14 +124,8 @@ def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> 
 
     train, val = splits["train"], splits.get("val")
     has_val = val is not None and len(val) > 0
-    if kind == "llm" and config.clip_model == TINY:  # the LLM learns to read the pretrained CLIP (obtained first)
-        clip = tiny_clip(config)
-        clip.load_state_dict(obtain("clip", config, splits, None, run_dir, log)[0])
-        clip.requires_grad_(False)
-        visual = {name: P.clip_tokens(clip, split, config.clip_feature_layer, (P.N_VISUAL_GRID,) * 2)
-                  for name, split in (("train", train), ("val", val if has_val else None)) if split is not None}
-    else:
-        visual = {}
+    # the LLM learns to read the pretrained CLIP
+    visual = image_slot_tokens(config, splits, run_dir, log) if kind == "llm" and config.clip_model == TINY else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if kind == "clip":
