@@ -129,6 +129,19 @@ def test_harder_variant_lowers_contrast_and_adds_noise_but_keeps_the_swatch_exac
         assert (d.images[(i, *mn.corner_slices(int(d.corner[i]), 4, (28, 28)))] == 255 - 25 * y[i]).all()
 
 
+def test_inverted_test_shade_is_cdeps_rule():
+    rng = np.random.default_rng(0)
+    x, y = digits(10, rng)
+    opts = mn.DecoyOptions(swatch=5, test_shade="inverted")
+    for test in (False, True):
+        d = mn.decoy(x, y, test, rng, opts)
+        for i in range(10):
+            want = 25 * y[i] if test else 255 - 25 * y[i]  # CDEP's 00_make_data.py: 25·y in test
+            assert (d.images[(i, *mn.corner_slices(int(d.corner[i]), 5, (28, 28)))] == want).all()
+    with pytest.raises(ValueError, match="test_shade"):
+        mn.decoy(x, y, True, rng, mn.DecoyOptions(test_shade="dark"))
+
+
 def test_raw_files_and_torchvision_layout_are_accepted(tmp_path):
     _, ann = run(tmp_path, mnist=write_mnist(tmp_path / "tv", gz=False, layout="MNIST/raw"))
     assert len(ann) == 38

@@ -62,10 +62,10 @@ def test_mlp_is_the_rrr_net_and_refuses_gradcam_clearly():
             Config(backbone="mlp", method=method, image_size=32).validate()  # 32: the synthetic data's least
 
 
-@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
-def test_contextual_decomposition_sums_to_the_logits(backbone):
+@pytest.mark.parametrize("backbone,mlp_input", [("mlp", "unit"), ("mlp", "signed"), ("cnn", "unit")])
+def test_contextual_decomposition_sums_to_the_logits(backbone, mlp_input):
     torch.manual_seed(0)
-    clf = build_classifier(Config(backbone=backbone, image_size=28), 10).double()
+    clf = build_classifier(Config(backbone=backbone, image_size=28, mlp_input=mlp_input), 10).double()
     image = torch.rand(2, 3, 28, 28, dtype=DT)
     with torch.no_grad():
         net, x = _resnet_and_input(clf, image)
@@ -74,6 +74,26 @@ def test_contextual_decomposition_sums_to_the_logits(backbone):
         # nothing in the group: no share of the logits beyond the biases' split
         rel0, _ = contextual_decomposition(net, x, torch.zeros(2, 28, 28, dtype=DT))
     assert rel0.abs().max() < 1e-12
+
+
+def test_signed_mlp_input_makes_blank_pixels_count_for_cd():
+    """With pixels in [-1, 1] a blank (black) region is -1, not 0, so CD charges it to its group: the reason the
+    option exists (docs/decoy_mnist.md)."""
+    torch.manual_seed(0)
+    black = torch.zeros(2, 3, 28, 28, dtype=DT)
+    corner = torch.zeros(2, 28, 28, dtype=DT)
+    corner[:, :4, :4] = 1
+    rel = {}
+    for mode in ("unit", "signed"):
+        torch.manual_seed(0)
+        clf = MLPClassifier(10, 28, input_range=mode).double()
+        with torch.no_grad():
+            net, x = _resnet_and_input(clf, black)
+            assert float(x.min()) == (-1.0 if mode == "signed" else 0.0)
+            rel[mode] = contextual_decomposition(net, x, corner)[0]
+    assert rel["unit"].abs().max() == 0 and rel["signed"].abs().max() > 1e-3
+    with pytest.raises(ValueError, match="mlp_input"):
+        Config(backbone="mlp", method="baseline", image_size=32, mlp_input="zero-one").validate()
 
 
 @pytest.fixture(scope="module")

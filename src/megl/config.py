@@ -17,6 +17,7 @@ from megl.errors import UserError
 
 BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
+MLP_INPUTS = ("unit", "signed")  # the mlp's pixel range: [0, 1] (RRR's) or [-1, 1] (CDEP's); megl.models.small
 BACKGROUND_MODES = ("swap", "uniform")  # the two forms of MEGL's background term (megl.losses.megl.background_loss)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
@@ -80,6 +81,7 @@ class Config:
     vit_mlp: int = 3072
     small_net_channels: int = 1  # mlp / cnn: 1 reads images as grey (channel mean), 3 as RGB
     cnn_gradcam_layer: str = "conv2"  # cnn: Grad-CAM at the second conv (8x8 at 28 px) or the first (24x24)
+    mlp_input: str = "unit"  # mlp: pixels in [0, 1] ("unit", RRR's) or [-1, 1] ("signed", CDEP's scaling)
     # any other torchvision model name (or timm:NAME): Grad-CAM layer, default the family's (megl.models.torchvision_backbones)
     target_layer: Optional[str] = None
     # their BatchNorm momentum; None keeps the family's. MobileNetV3 / EfficientNet ship 0.01, tuned for long
@@ -199,6 +201,9 @@ class Config:
         if self.saliency_target not in SALIENCY_TARGETS:
             raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
                               " (--set saliency_target=NAME)")
+        if self.mlp_input not in MLP_INPUTS:
+            raise ConfigError(f"mlp_input = {self.mlp_input!r}: choose one of {', '.join(MLP_INPUTS)} "
+                              "(--set mlp_input=signed)")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)} "
                               "(--set lr_schedule=NAME)")

@@ -85,6 +85,9 @@ def load_mnist(root: str | Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- the decoy
+TEST_SHADES = ("random", "inverted")
+
+
 @dataclass(frozen=True)
 class DecoyOptions:
     swatch: int = 4  # side of the square, px (paper: 4)
@@ -92,6 +95,7 @@ class DecoyOptions:
     digit_contrast: float = 1.0  # strokes scaled to this fraction of their ink (harder variant: < 1)
     noise: float = 0.0  # std of additive Gaussian pixel noise, in [0, 1] units, over the whole image
     dilate: int = 1  # the `digit` mask: ink dilated by this many px
+    test_shade: str = "random"  # test swatch: a random class's shade (RRR), or "inverted": 255 − the label's (CDEP)
 
 
 class Decoyed(NamedTuple):
@@ -131,8 +135,10 @@ def dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 def decoy(images: np.ndarray, labels: np.ndarray, random_shade: bool, rng: np.random.Generator,
           opts: DecoyOptions = DecoyOptions()) -> Decoyed:
-    """Add the swatch to each digit: shade from its label, or (random_shade, the test split) from a random class."""
+    """Add the swatch to each digit: shade from its label, or (random_shade, the test split) by `opts.test_shade`."""
     n, h, w = images.shape
+    if opts.test_shade not in TEST_SHADES:
+        raise ValueError(f"decoy: test_shade must be one of {', '.join(TEST_SHADES)}, got {opts.test_shade!r}")
     if 255 - opts.shade_step * 9 < 0 or opts.swatch < 1 or 2 * opts.swatch > min(h, w):
         raise ValueError(f"decoy: swatch {opts.swatch} px / shade step {opts.shade_step} do not fit a {h}x{w} "
                          "image with 10 shades in 0..255")
@@ -142,8 +148,11 @@ def decoy(images: np.ndarray, labels: np.ndarray, random_shade: bool, rng: np.ra
     if opts.noise > 0:
         x = x + rng.normal(0.0, opts.noise, size=x.shape).astype(np.float32)
     corner = rng.integers(0, 4, size=n)
-    shade_class = rng.integers(0, 10, size=n) if random_shade else labels
-    shade = (255 - opts.shade_step * shade_class).astype(np.uint8)
+    shade_class = rng.integers(0, 10, size=n) if random_shade and opts.test_shade == "random" else labels
+    shade = 255 - opts.shade_step * shade_class
+    if random_shade and opts.test_shade == "inverted":  # CDEP's 00_make_data.py: shade_step·y in test
+        shade = 255 - shade
+    shade = shade.astype(np.uint8)
     clean = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
     out = clean.copy()
     for i in range(n):

@@ -206,7 +206,8 @@ def build_classifier(config, num_classes: int) -> Classifier:
         from .small import MLPClassifier, SmallCNNClassifier
 
         if config.backbone == "mlp":
-            return MLPClassifier(num_classes, config.image_size, in_channels=config.small_net_channels)
+            return MLPClassifier(num_classes, config.image_size, in_channels=config.small_net_channels,
+                                 input_range=config.mlp_input)
         return SmallCNNClassifier(num_classes, config.image_size, in_channels=config.small_net_channels,
                                   gradcam_layer=config.cnn_gradcam_layer)
     # any other torchvision classification model (or timm:NAME), Grad-CAM at its family's layer or target_layer

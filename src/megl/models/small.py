@@ -1,7 +1,8 @@
 """The two small DecoyMNIST backbones, built from layers that contextual decomposition (CDEP) has rules for.
 
-- `MLPClassifier` (`--backbone mlp`): Ross et al.'s RRR network, a ReLU MLP on the raw pixels in [0, 1]
-  (784 → 50 → 30 → 10 at 28 px: `hidden_layers=(50, 30)` of MultilayerPerceptron in github.com/dtak/rrr). It has
+- `MLPClassifier` (`--backbone mlp`): Ross et al.'s RRR network, a ReLU MLP on the raw pixels in [0, 1], or in
+  [−1, 1] with `input_range="signed"` (784 → 50 → 30 → 10 at 28 px: `hidden_layers=(50, 30)` of
+  MultilayerPerceptron in github.com/dtak/rrr). It has
   no spatial layer, so Grad-CAM (GRADIA, HAICS, RES, MEGL's saliency) raises GradCAMUnsupported.
 - `SmallCNNClassifier` (`--backbone cnn`): the net of CDEP's DecoyMNIST code (github.com/laura-rieger/
   deep-explanation-penalization, mnist/model.py): conv 5×5×20 → ReLU → max-pool 2 → conv 5×5×50 → ReLU →
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from megl.config import MLP_INPUTS
 from megl.ops import autograd_gradcam_gradients
 
 from .classifier import Classifier, ClassifierOutput
@@ -44,9 +46,15 @@ def _channels(image01: Tensor, in_channels: int) -> Tensor:
 class MLPClassifier(Classifier):
     has_gradcam = False
 
-    def __init__(self, num_classes: int, image_size: int, hidden: tuple[int, ...] = (50, 30), in_channels: int = 1):
+    def __init__(self, num_classes: int, image_size: int, hidden: tuple[int, ...] = (50, 30), in_channels: int = 1,
+                 input_range: str = "unit"):
         super().__init__()
+        if input_range not in MLP_INPUTS:
+            raise ValueError(f"mlp_input must be one of {', '.join(MLP_INPUTS)}, got {input_range!r}")
         self.in_channels = in_channels
+        # "unit": pixels in [0, 1] (RRR's); "signed": in [-1, 1] (CDEP's scaling). The choice matters to CD only,
+        # which decomposes relative to a zero input: with "unit" a blank corner is 0 and contributes nothing.
+        self.signed = input_range == "signed"
         dims = (in_channels * image_size * image_size, *hidden)
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(dims[:-1], dims[1:]):
@@ -57,7 +65,8 @@ class MLPClassifier(Classifier):
         self.feature_dim = dims[-1]
 
     def prepare(self, image01: Tensor) -> Tensor:
-        return _channels(image01, self.in_channels)
+        x = _channels(image01, self.in_channels)
+        return 2.0 * x - 1.0 if self.signed else x
 
     def forward(self, image01: Tensor) -> ClassifierOutput:
         h = self.body(self.prepare(image01))
