@@ -134,6 +134,32 @@ def test_prompt_labels_cover_only_the_rationale(resnet):
         assert names[b] in model.tokenizer.decode(list(tail))
 
 
+
+def test_lm_loss_on_labelled_positions_equals_hugging_faces(resnet):
+    """causal_lm_loss runs the LM head on the rationale tokens only; loss and gradients must be those of
+    llm(..., labels=labels).loss (the LoRA-wrapped model, as trained)."""
+    from megl.models.llm import causal_lm_loss
+
+    model, _, _ = resnet
+    was_training = model.training
+    model.eval()  # LoRA dropout off: both losses must see the same network
+    embed = model.llm.get_input_embeddings()
+    torch.manual_seed(0)
+    V = torch.randn(2, 4, embed.weight.shape[1], requires_grad=True)
+    inputs, mask, labels = model.prompts.training_batch(embed, V, model.class_names[:2],
+                                                        ["a red circle in the center", "it has four right angles"])
+    got, want = (f(inputs, mask, labels) for f in (lambda *a: causal_lm_loss(model.llm, *a),
+                                                     lambda i, m, y: model.llm(inputs_embeds=i, attention_mask=m,
+                                                                               labels=y).loss))
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    lora = [p for n, p in model.llm.named_parameters() if p.requires_grad]
+    assert lora
+    g_got = torch.autograd.grad(got, [V] + lora)
+    g_want = torch.autograd.grad(want, [V] + lora)
+    model.train(was_training)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
 def _text_grads(model, batch):
     clf = model.classifier
     clf.zero_grad(set_to_none=True)

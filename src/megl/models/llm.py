@@ -13,10 +13,31 @@ import os
 from typing import Optional
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from megl.config import EMBEDDED, TINY
 from megl.errors import WeightsError
+
+from .conversation import IGNORE_INDEX
+
+
+def causal_lm_nll(llm: nn.Module, inputs: Tensor, mask: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed next-token NLL (float32) of the labelled tokens, and their count: what `llm(..., labels=labels).loss`
+    averages, but the LM head runs on the labelled positions only. In an SDTG batch most positions are prompt and
+    image tokens (labels IGNORE_INDEX), and with Vicuna's 32k vocabulary their logits would be the largest tensor of
+    the step (B·L·32000 floats, kept for the backward)."""
+    hidden = llm.get_decoder()(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, target[keep], reduction="sum"), int(keep.sum())
+
+
+def causal_lm_loss(llm: nn.Module, inputs: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Mean NLL of the labelled tokens (Hugging Face's causal-LM loss), via causal_lm_nll."""
+    nll, n = causal_lm_nll(llm, inputs, mask, labels)
+    return nll / max(n, 1)
 
 
 def attention_implementation(device: torch.device) -> str:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .checkpoint import checkpoint_state, load_checkpoint_state
 from .clip import CLIPVisionEncoder, clip_tokenizer
 from .conversation import CLASS_QUESTION, COT_QUESTION, PromptBuilder
-from .llm import attach_llm_parts, build_vision_and_llm
+from .llm import attach_llm_parts, build_vision_and_llm, causal_lm_loss
 from .sdtg import greedy_generate
 from .tokenizer import tokenizer_for
 
@@ -127,7 +127,7 @@ class LLMClassifier(nn.Module):
         V = self.visual_tokens(image01)
         embed = self.llm.get_input_embeddings()
         inputs, mask, labels = self.prompts.training_batch(embed, V, None, self.answers_for(class_ids, rationales))
-        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss.float()
+        return causal_lm_loss(self.llm, inputs, mask, labels)
 
     def loss(self, batch: dict, prior: Optional[Tensor] = None, lambdas: Optional[dict] = None,
              method: Optional[str] = None) -> dict[str, Tensor]:

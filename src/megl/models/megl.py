@@ -13,7 +13,7 @@ from .checkpoint import checkpoint_state, load_checkpoint_state
 from .classifier import Classifier, ClassifierOutput, build_classifier
 from .clip import CLIPVisionEncoder, clip_tokenizer
 from .conversation import PromptBuilder
-from .llm import attach_llm_parts, build_vision_and_llm
+from .llm import attach_llm_parts, build_vision_and_llm, causal_lm_loss
 from .sdtg import SDTG, greedy_generate
 from .tokenizer import tokenizer_for
 
@@ -90,7 +90,7 @@ class MEGLModel(nn.Module):
         embed = self.llm.get_input_embeddings()
         names = [self.class_names[int(c)] for c in class_ids]
         inputs, mask, labels = self.prompts.training_batch(embed, V, names, rationales)
-        return self.llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss.float()
+        return causal_lm_loss(self.llm, inputs, mask, labels)
 
     @torch.no_grad()
     def generate_rationales(self, image01: Tensor, class_ids: Optional[Tensor] = None,

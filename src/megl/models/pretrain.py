@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from megl.data.transforms import clip_preprocess
 
-from .conversation import IGNORE_INDEX, PromptBuilder
+from .conversation import PromptBuilder
+from .llm import causal_lm_nll
 
 # Chosen on the default synthetic data's validation split and the time budget (docs/standins.md).
 CLIP_EPOCHS = 12
@@ -189,11 +190,7 @@ def _nll(llm: nn.Module, prompts, pairs, slot: Tensor) -> tuple[Tensor, int]:
     embed = llm.get_input_embeddings()
     _, names, texts = zip(*pairs)
     inputs, mask, labels = prompts.training_batch(embed, slot, list(names), list(texts))
-    logits = llm(inputs_embeds=inputs, attention_mask=mask).logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="sum")
-    return nll, int((target != IGNORE_INDEX).sum())
+    return causal_lm_nll(llm, inputs, mask, labels)
 
 
 @torch.no_grad()
