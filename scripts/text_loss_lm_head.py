@@ -18,7 +18,8 @@ from megl.models.tokenizer import train_tokenizer
 torch.set_num_threads(1)
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 cfg = Config(image_size=64, resnet_stem_maxpool=False, **RANDOM_STANDINS)
-train = make_splits(SyntheticConfig(n_train=B, n_val=0, n_test=0, image_size=64), expand_train_rationales=False)["train"]
+syn = SyntheticConfig(n_train=B, n_val=0, n_test=0, image_size=64)
+train = make_splits(syn, expand_train_rationales=False)["train"]
 texts = [r for i in range(len(train)) for r in train[i]["references"]]
 tok = train_tokenizer(texts, train.class_names, cfg.tokenizer_vocab_size)
 model = build_model(cfg, train.class_names, tokenizer=tok)

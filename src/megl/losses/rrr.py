@@ -11,8 +11,9 @@ image in [0, 1] (the classifier normalises inside), with `create_graph=True` so 
 Default λ₁ = 10, chosen on the validation split of megl.train's default data (docs/recipe.md §3: val 0.773 ± 0.063
 against 0.412 at 1000). The paper and its reference code use 1000 (github.com/dtak/rrr, `l2_grads=1000`) for
 DecoyMNIST's four corner squares; here 1 − A is the whole image but the object, and at 1000 the penalty takes
-97–100 % of the classifier's gradient for four epochs, so CE cannot fit. The paper's third term, λ₂‖θ‖² (λ₂ = 1e-4), is plain weight
-decay and is left to the optimiser so that every method shares it. (The EGL survey's re-run used λ₁ = 1.)
+97–100 % of the classifier's gradient for four epochs, so CE cannot fit. The paper's third term, λ₂‖θ‖²
+(λ₂ = 1e-4), is plain weight decay and is left to the optimiser so that every method shares it. (The EGL survey's
+re-run used λ₁ = 1.)
 """
 from __future__ import annotations
 
