@@ -133,9 +133,9 @@ def dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def decoy(images: np.ndarray, labels: np.ndarray, random_shade: bool, rng: np.random.Generator,
+def decoy(images: np.ndarray, labels: np.ndarray, test: bool, rng: np.random.Generator,
           opts: DecoyOptions = DecoyOptions()) -> Decoyed:
-    """Add the swatch to each digit: shade from its label, or (random_shade, the test split) by `opts.test_shade`."""
+    """Add the swatch to each digit: shade from its label, or in the test split by `opts.test_shade`."""
     n, h, w = images.shape
     if opts.test_shade not in TEST_SHADES:
         raise ValueError(f"decoy: test_shade must be one of {', '.join(TEST_SHADES)}, got {opts.test_shade!r}")
@@ -148,9 +148,10 @@ def decoy(images: np.ndarray, labels: np.ndarray, random_shade: bool, rng: np.ra
     if opts.noise > 0:
         x = x + rng.normal(0.0, opts.noise, size=x.shape).astype(np.float32)
     corner = rng.integers(0, 4, size=n)
-    shade_class = rng.integers(0, 10, size=n) if random_shade and opts.test_shade == "random" else labels
-    shade = 255 - opts.shade_step * shade_class
-    if random_shade and opts.test_shade == "inverted":  # CDEP's 00_make_data.py: shade_step·y in test
+    shade = 255 - opts.shade_step * labels
+    if test and opts.test_shade == "random":  # RRR's: a random class's shade
+        shade = 255 - opts.shade_step * rng.integers(0, 10, size=n)
+    elif test:  # "inverted", CDEP's 00_make_data.py: shade_step·y
         shade = 255 - shade
     shade = shade.astype(np.uint8)
     clean = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

@@ -2,8 +2,8 @@
 
 - `MLPClassifier` (`--backbone mlp`): Ross et al.'s RRR network, a ReLU MLP on the raw pixels in [0, 1], or in
   [−1, 1] with `input_range="signed"` (784 → 50 → 30 → 10 at 28 px: `hidden_layers=(50, 30)` of
-  MultilayerPerceptron in github.com/dtak/rrr). It has
-  no spatial layer, so Grad-CAM (GRADIA, HAICS, RES, MEGL's saliency) raises GradCAMUnsupported.
+  MultilayerPerceptron in github.com/dtak/rrr). It has no spatial layer, so Grad-CAM (GRADIA, HAICS, RES, MEGL's
+  saliency) raises GradCAMUnsupported.
 - `SmallCNNClassifier` (`--backbone cnn`): the net of CDEP's DecoyMNIST code (github.com/laura-rieger/
   deep-explanation-penalization, mnist/model.py): conv 5×5×20 → ReLU → max-pool 2 → conv 5×5×50 → ReLU →
   max-pool 2 → fc 256 → ReLU → fc classes, inputs standardised with MNIST's mean and std as there.
