@@ -368,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base_sec = aggregate(base, "epoch_seconds")[0] if base else None
     desc = ", ".join(f"{k} {v}" for k, v in c.items())
     title = (f"DecoyMNIST, {bb}, {args.variant} construction ({desc}), mask fraction {args.mask_fraction:g}, "
-             f"{common['epochs']} epochs, seeds {seeds}")
+             + ("epochs as swept" if sweep_key == "epochs" else f"{common['epochs']} epochs") + f", seeds {seeds}")
     md = table_markdown(results, bb, base_sec, title, VAL_ONLY if sweep_key else COLUMNS)
     notes = [f"- {', '.join(skipped)} on the mlp: n/a, Grad-CAM needs a convolutional backbone." if skipped else "",
              "- RRR and CDEP train on the `corners` annotation (they penalise 1 − mask, the corners); the other "
@@ -377,6 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              " of the predicted class on the test digits, threshold 0.5, against the dilated strokes.",
              "- Hyper-parameters (chosen on val, docs/decoy_mnist.md): "
              + ("; ".join(f"{m} {v}" for (b, m), v in HPARAMS.items() if b == bb) or "the papers' defaults")
+             + (f"; set {', '.join(args.set)}" if args.set else "")
              + (f"; swept {sweep_key}" if sweep_key else "") + f". Wall time {time.time() - t0:.0f} s."]
     if notes_missing:
         notes.append("- Not yet trained (--no-train): " + "; ".join(notes_missing) + ".")
