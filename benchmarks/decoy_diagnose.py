@@ -7,7 +7,8 @@ ignored, since test decoys are random); the saliency mass inside the decoy box (
 classifier's accuracy on I ⊙ Â and on I ⊙ (1 − Â) (Â: its own Grad-CAM of the predicted class); and the decoy
 cells' evidence for the decoy class, split into the decoy class's own logit contribution ("for", what its
 Grad-CAM can show) and the drop of the other classes' logits ("against", invisible to the decoy class's
-Grad-CAM after its ReLU).
+Grad-CAM after its ReLU); and the share of the squared input gradient of Σ_k log p̂_k (what RRR penalises)
+that lies in the decoy box, beside the box's share of the image area.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def diagnose(run_dir: str) -> dict:
     model, ds = run.model, run.splits["test"].expanded(False)
     clf = model.classifier
     rec = ds.records
-    stats = {k: 0.0 for k in ("acc", "follow", "mass", "acc_in", "acc_out", "for", "against")}
+    stats = {k: 0.0 for k in ("acc", "follow", "mass", "acc_in", "acc_out", "for", "against", "grad_mass")}
     for start in range(0, len(ds), 100):
         items = [ds[i] for i in range(start, min(start + 100, len(ds)))]
         batch = collate(items)
@@ -52,9 +53,15 @@ def diagnose(run_dir: str) -> dict:
         others = (cells.sum(1) - own) / (cells.shape[1] - 1)
         stats["for"] += float(own.sum())
         stats["against"] += float(-others.sum())
+        with torch.enable_grad():  # RRR's quantity: ∂ Σ_k log p̂_k / ∂x, squared and summed over channels
+            x = img.clone().requires_grad_(True)
+            g2 = torch.autograd.grad(clf(x).logits.log_softmax(1).sum(), x)[0].pow(2).sum(1)
+        stats["grad_mass"] += float((g2[:, y0:y1, x0:x1].sum((1, 2)) / g2.sum((1, 2)).clamp_min(1e-30)).sum())
     n = len(ds)
     out = {k: v / n for k, v in stats.items()}
     out["chance"] = 1 / len(ds.class_names)
+    x0, y0, x1, y1 = rec[0].meta["decoy_box"]
+    out["box_area"] = (x1 - x0) * (y1 - y0) / (ds[0]["image"].shape[-1] * ds[0]["image"].shape[-2])
     return out
 
 

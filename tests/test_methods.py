@@ -246,6 +246,25 @@ def test_rrr_hand_value():
     assert out["total"].item() == pytest.approx(ce + 1000.0 * penalty)
 
 
+def test_rrr_share_score_hand_value_scale_invariant_and_checked():
+    clf = LinearClf()
+    image = torch.zeros(2, 1, 2, 2, dtype=DT)
+    label = torch.tensor([0, 1])
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=DT)
+    has_mask = torch.tensor([True, False])
+    out = rrr_terms(clf, image, label, mask, has_mask, lam=1.0, score="share")
+    # gradient [-0.5, -0.5, 0.5, 1] as above: 1.5 of its 1.75 squared mass lies outside the mask; / batch size 2
+    assert out["visual"].item() == pytest.approx((1.5 / 1.75) / 2)
+    with torch.no_grad():  # shrinking every input gradient 10x lowers the reference penalty 100x, not the share
+        clf.fc.weight.mul_(0.1)
+    ref = rrr_terms(clf, image, label, mask, has_mask, lam=1.0)["visual"].item()
+    assert rrr_terms(clf, image, label, mask, has_mask, lam=1.0, score="share")["visual"].item() == pytest.approx(
+        (1.5 / 1.75) / 2)
+    assert ref == pytest.approx(0.01 * (0.25 + 0.25 + 1.0) / 2)
+    with pytest.raises(ValueError, match="rrr_score"):
+        rrr_terms(clf, image, label, mask, has_mask, score="ratio")
+
+
 def test_rrr_penalty_trains_the_weights():
     clf = LinearClf()
     image = torch.zeros(1, 1, 2, 2, dtype=DT)
