@@ -21,7 +21,7 @@ from megl.losses.haics import haics_loss, haics_visual_loss
 from megl.losses.res import (
     ResImputation, bf_threshold, gaussian_imputation, res_g_loss, res_l_loss, res_visual_loss, setup_res_l,
 )
-from megl.losses.rrr import rrr_loss, rrr_terms
+from megl.losses.rrr import input_gradients, rrr_loss, rrr_penalty, rrr_terms
 from megl.methods import get_method
 from megl.ops import gap_linear_gradcam_gradients
 
@@ -238,7 +238,7 @@ def test_rrr_hand_value():
     label = torch.tensor([0, 1])
     mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=DT)
     has_mask = torch.tensor([True, False])
-    out = rrr_terms(clf, image, label, mask, has_mask, lam=1000.0)
+    out = rrr_terms(clf, image, label, mask, has_mask, lam=1000.0, score="reference")
     # d/dx sum_k log p_k = W^T (1 - K p) = -0.5 W0 + 0.5 W1 = [-0.5, -0.5, 0.5, 1]; pixel 0 is relevant
     penalty = (0.25 + 0.25 + 1.0) / 2  # divided by the batch size
     ce = (-math.log(0.75) - math.log(0.25)) / 2
@@ -257,7 +257,7 @@ def test_rrr_share_score_hand_value_scale_invariant_and_checked():
     assert out["visual"].item() == pytest.approx((1.5 / 1.75) / 2)
     with torch.no_grad():  # shrinking every input gradient 10x lowers the reference penalty 100x, not the share
         clf.fc.weight.mul_(0.1)
-    ref = rrr_terms(clf, image, label, mask, has_mask, lam=1.0)["visual"].item()
+    ref = rrr_terms(clf, image, label, mask, has_mask, lam=1.0, score="reference")["visual"].item()
     assert rrr_terms(clf, image, label, mask, has_mask, lam=1.0, score="share")["visual"].item() == pytest.approx(
         (1.5 / 1.75) / 2)
     assert ref == pytest.approx(0.01 * (0.25 + 0.25 + 1.0) / 2)
@@ -265,11 +265,14 @@ def test_rrr_share_score_hand_value_scale_invariant_and_checked():
         rrr_terms(clf, image, label, mask, has_mask, score="ratio")
 
 
-def test_rrr_penalty_trains_the_weights():
+@pytest.mark.parametrize("score", ["reference", "share"])
+def test_rrr_penalty_trains_the_weights(score):
     clf = LinearClf()
     image = torch.zeros(1, 1, 2, 2, dtype=DT)
-    out = rrr_terms(clf, image, torch.tensor([0]), torch.zeros(1, 2, 2, dtype=DT), torch.tensor([True]), lam=1.0)
-    (g,) = torch.autograd.grad(out["total"], clf.fc.weight)  # needs the double backward
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=DT)  # (a mask of zeros makes the share a constant 1)
+    x = image.requires_grad_(True)
+    penalty = rrr_penalty(input_gradients(clf(x), x), mask, torch.tensor([True]), score)
+    (g,) = torch.autograd.grad(penalty, clf.fc.weight)  # the penalty alone: needs the double backward
     assert g.abs().sum() > 0
 
 

@@ -21,7 +21,7 @@ from .haics import DEFAULTS as HAICS_DEFAULTS
 from .haics import haics_visual_loss
 from .res import DEFAULTS as RES_DEFAULTS
 from .res import ResImputation, gaussian_imputation, res_visual_loss
-from .rrr import _math_attention, input_gradients, rrr_penalty
+from .rrr import DEFAULTS as RRR_DEFAULTS, _math_attention, input_gradients, rrr_penalty
 
 
 def _masks(out, mask: Tensor, has_mask: Optional[Tensor], who: str) -> tuple[Tensor, Tensor]:
@@ -88,8 +88,11 @@ def visual(out, mask: Optional[Tensor] = None, has_mask: Optional[Tensor] = None
 
 
 def rrr(model: Callable[[Tensor], Tensor], images: Tensor, mask: Tensor, has_mask: Optional[Tensor] = None, *,
-        logits: Optional[Tensor] = None) -> Tensor:
-    """RRR: (1/B) Σ ((1 − A) ⊙ ∂Σ log p̂ / ∂images)² over annotated samples (double backward).
+        logits: Optional[Tensor] = None, score: str = RRR_DEFAULTS["rrr_score"]) -> Tensor:
+    """RRR on the input gradient g = ∂Σ log p̂ / ∂images (double backward), over annotated samples, / B.
+
+    score="share" (megl's default): each image's share of Σ g² outside the mask; score="reference" (the paper):
+    Σ ((1 − A) ⊙ g)². megl/losses/rrr.py says why the share is the default.
 
     Either pass `logits` computed from `images` (which must require grad: `images.requires_grad_()` before the
     forward, so one forward serves cross-entropy and RRR), or let it run `model(images)` itself."""
@@ -107,7 +110,7 @@ def rrr(model: Callable[[Tensor], Tensor], images: Tensor, mask: Tensor, has_mas
                          "(images.requires_grad_() before the forward)")
     with _math_attention():
         grad = input_gradients(logits, images)
-    return rrr_penalty(grad, mask.to(grad.dtype), has_mask.to(grad.device))
+    return rrr_penalty(grad, mask.to(grad.dtype), has_mask.to(grad.device), score)
 
 
 __all__ = ["ResImputation", "gradia", "haics", "res_g", "res_l", "rrr", "visual"]
