@@ -81,7 +81,7 @@ def test_table4_change_in_points():
     assert rows[0].split("|")[1].strip() == "ResNet18" and rows[1].split("|")[1].strip() == ""
 
 
-def test_run_names_identify_the_configuration():
+def test_run_names_identify_the_configuration(monkeypatch):
     args = ex.build_parser().parse_args(["table2", "--quick"])
     base = ex.base_settings(args)
     a = ex.run_config(base, "resnet18", "megl", 0)
@@ -92,6 +92,15 @@ def test_run_names_identify_the_configuration():
               ex.run_name(ex.run_config(base, "resnet18", "gradia", 0)),
               ex.run_name(ex.run_config(base, "resnet18", "megl", 0, "text"), "text")}
     assert ex.run_name(a) not in others and len(others) == 4
+    # a method's package default is part of the name: a run made before the default changed is not reused
+    from megl.losses.rrr import DEFAULTS as RRR_DEFAULTS
+
+    r = ex.run_config(base, "resnet18", "rrr", 0)
+    before = ex.run_name(r)
+    monkeypatch.setitem(RRR_DEFAULTS, "rrr_lambda", RRR_DEFAULTS["rrr_lambda"] * 10)
+    assert ex.run_name(r) != before
+    assert ex.run_name(r) == ex.run_name(ex.run_config({**base, "method_args": dict(RRR_DEFAULTS)},
+                                                       "resnet18", "rrr", 0))  # the same as setting it
     # the LLM methods ignore the backbone
     assert ex.run_name(ex.run_config(base, "resnet18", "llava", 0)).startswith("llm_llava_seed0_")
 

@@ -16,7 +16,7 @@ table4: MEGL with each explanation module set (full, visual+text, text, visual, 
 against full MEGL, per backbone.
 
 Each run lives in OUT/runs/<backbone>_<method>[_<ablation>]_seed<k>_<config hash>/ (a normal megl.train run
-directory, plus eval.json); a finished run is reused, an interrupted one resumed, so the tables can be rebuilt or
+directory, plus eval.json; the hash covers the method's package defaults); a finished run is reused, an interrupted one resumed, so the tables can be rebuilt or
 extended without retraining, and table2 and table4 share the full-MEGL runs. With several seeds, cells are
 mean ± standard deviation over seeds (the seeds vary training; the data stays that of `data_seed`). --quick
 shrinks data and models so that both tables run on a CPU in minutes (see QUICK); every run of one invocation
@@ -98,8 +98,20 @@ def run_config(base: dict, backbone: str, method: str, seed: int, ablation: Opti
     return Config.from_dict(d).validate()
 
 
+def method_defaults(method: str) -> dict:
+    """The `DEFAULTS` of the module behind a method's loss (megl/losses/<method>.py; {} where there are none)."""
+    loss = get_method(method).resolve("loss")
+    return dict(getattr(sys.modules.get(getattr(loss, "__module__", ""), None), "DEFAULTS", None) or {})
+
+
 def run_name(config: Config, ablation: Optional[str] = None) -> str:
-    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    """backbone_method[_ablation]_seed<k>_<hash of the config>. The hash covers the method's package defaults
+    too, so a run trained before a default changed is not reused for the new default."""
+    d = config.to_dict()
+    defaults = method_defaults(config.method)
+    if defaults:
+        d["method_args"] = {**defaults, **(d.get("method_args") or {})}
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     who = "llm" if config.method in LLM_METHODS else config.backbone
     tag = f"_{ablation}" if ablation else ""
     return f"{who}_{config.method}{tag}_seed{config.seed}_{digest}"
