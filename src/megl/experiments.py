@@ -16,8 +16,9 @@ table4: MEGL with each explanation module set (full, visual+text, text, visual, 
 against full MEGL, per backbone.
 
 Each run lives in OUT/runs/<backbone>_<method>[_<ablation>]_seed<k>_<config hash>/ (a normal megl.train run
-directory, plus eval.json; the hash covers the method's package defaults); a finished run is reused, an interrupted one resumed, so the tables can be rebuilt or
-extended without retraining, and table2 and table4 share the full-MEGL runs. With several seeds, cells are
+directory, plus eval.json; the hash covers the method's package defaults); a finished run is reused, an
+interrupted one resumed, so the tables can be rebuilt or extended without retraining, and table2 and table4 share
+the full-MEGL runs. With several seeds, cells are
 mean ± standard deviation over seeds (the seeds vary training; the data stays that of `data_seed`). --quick
 shrinks data and models so that both tables run on a CPU in minutes (see QUICK); every run of one invocation
 shares the same settings, seeds and epochs.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -100,8 +102,7 @@ def run_config(base: dict, backbone: str, method: str, seed: int, ablation: Opti
 
 def method_defaults(method: str) -> dict:
     """The `DEFAULTS` of the module behind a method's loss (megl/losses/<method>.py; {} where there are none)."""
-    loss = get_method(method).resolve("loss")
-    return dict(getattr(sys.modules.get(getattr(loss, "__module__", ""), None), "DEFAULTS", None) or {})
+    return dict(getattr(inspect.getmodule(get_method(method).resolve("loss")), "DEFAULTS", None) or {})
 
 
 def run_name(config: Config, ablation: Optional[str] = None) -> str:

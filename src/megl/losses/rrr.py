@@ -46,7 +46,7 @@ def input_gradients(logits: Tensor, image: Tensor) -> Tensor:
     return grad
 
 
-def rrr_penalty(grad: Tensor, mask: Tensor, has_mask: Tensor, score: str = "reference") -> Tensor:
+def rrr_penalty(grad: Tensor, mask: Tensor, has_mask: Tensor, score: str = DEFAULTS["rrr_score"]) -> Tensor:
     """reference: (1/B) Σ_b Σ_{c,p,q} ((1 − A_bpq) · grad_bcpq)² over annotated b. share: (1/B) Σ_b of
     Σ ((1 − A) · grad)² / Σ grad², each annotated image's share of its squared gradient outside the mask.
     grad: (B, C, H, W); mask: (B, H, W)."""
