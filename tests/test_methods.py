@@ -305,6 +305,35 @@ def test_cd_symmetric_relu_splits_interactions_and_sums():
     assert r.tolist() == [-0.5, 1.5] and i.tolist() == [2.5, -0.5]
 
 
+def test_cd_group_relu_charges_every_interaction_to_the_group():
+    r, i = cd_relu(torch.tensor([-1.0, 2.0]), torch.tensor([3.0, -1.0]), "group")
+    # γ' = relu(γ) = [3, 0]; β' = relu(β + γ) − γ' = [2 − 3, 1 − 0]
+    assert r.tolist() == [-1.0, 1.0] and i.tolist() == [3.0, 0.0]
+
+
+def test_cd_group_rule_charges_a_group_that_only_inhibits():
+    """A corner that switches a digit unit off: the reference rule gives the corner relu(β) = 0 and charges it
+    nothing; the group rule charges it the whole change, and γ is the net run on the rest alone (no biases)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 1, bias=False), nn.ReLU(), nn.Linear(1, 1, bias=False)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, -0.5]]))  # digit pixel +1, corner pixel −0.5
+        net[3].weight.fill_(2.0)
+    x = torch.tensor([[[[3.0, 2.0]]]], dtype=DT)  # digit 3, corner 2: relu(3 − 1) = 2, logit 4
+    corner = torch.tensor([[[0.0, 1.0]]], dtype=DT)
+    ref = contextual_decomposition(net, x, corner)
+    grp = contextual_decomposition(net, x, corner, "group")
+    assert ref[0].item() == 0.0 and ref[1].item() == pytest.approx(4.0)
+    assert grp[0].item() == pytest.approx(-2.0) and grp[1].item() == pytest.approx(6.0)  # 6 = net(digit alone)
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Flatten(), nn.Linear(16, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False),
+                         nn.ReLU(), nn.Linear(8, 3, bias=False)).double()
+    x, blob = torch.randn(4, 1, 4, 4, dtype=DT), (torch.rand(4, 4, 4) > 0.5).to(DT)
+    with torch.no_grad():
+        rel, irrel = contextual_decomposition(deep, x, blob, "group")
+        torch.testing.assert_close(irrel, deep((1 - blob[:, None]) * x))
+        torch.testing.assert_close(rel + irrel, deep(x))
+
+
 def test_cdep_centred_score_ignores_a_common_logit_shift():
     # the reference share can be met by raising every logit's γ (the measured failure on DecoyMNIST's mlp);
     # the centred score only sees what the group does to the logits' differences

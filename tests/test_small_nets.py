@@ -7,7 +7,7 @@ import torch
 
 from megl.config import RANDOM_STANDINS, Config
 from megl.data import collate, load_splits, mean_mask_prior
-from megl.losses.cdep import _resnet_and_input, contextual_decomposition
+from megl.losses.cdep import RELU_RULES, _resnet_and_input, contextual_decomposition
 from megl.models import build_classifier, build_model, train_tokenizer
 from megl.models.small import GradCAMUnsupported, MLPClassifier, SmallCNNClassifier
 from megl.ops import fused_saliency
@@ -69,8 +69,10 @@ def test_contextual_decomposition_sums_to_the_logits(backbone, mlp_input):
     image = torch.rand(2, 3, 28, 28, dtype=DT)
     with torch.no_grad():
         net, x = _resnet_and_input(clf, image)
-        rel, irrel = contextual_decomposition(net, x, (torch.rand(2, 28, 28) > 0.5).to(DT))
-        torch.testing.assert_close(rel + irrel, clf(image).logits, rtol=1e-8, atol=1e-8)
+        blob = (torch.rand(2, 28, 28) > 0.5).to(DT)
+        for rule in RELU_RULES:
+            rel, irrel = contextual_decomposition(net, x, blob, rule)
+            torch.testing.assert_close(rel + irrel, clf(image).logits, rtol=1e-8, atol=1e-8)
         # nothing in the group: no share of the logits beyond the biases' split
         rel0, _ = contextual_decomposition(net, x, torch.zeros(2, 28, 28, dtype=DT))
     assert rel0.abs().max() < 1e-12

@@ -43,7 +43,7 @@ from torch import Tensor
 from .common import check_batch, classifier_of, cross_entropy, hparam, result, upcast
 
 DEFAULTS = {"cdep_lambda": 1.0, "cdep_relu": "reference", "cdep_score": "share"}
-RELU_RULES = ("reference", "symmetric")
+RELU_RULES = ("reference", "symmetric", "group")
 SCORES = ("share", "centred_l1")
 STAB = 1e-19  # the reference's stabilizing_constant (10e-20)
 
@@ -104,8 +104,12 @@ def cd_batchnorm(rel: Tensor, irrel: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor
 def cd_relu(rel: Tensor, irrel: Tensor, rule: str = "reference") -> tuple[Tensor, Tensor]:
     """reference: β' = relu(β), so the group's interactions with the rest (e.g. a swatch that switches a digit
     unit off) all go to γ. symmetric: the two-player Shapley split of relu(β + γ), which charges half of each
-    interaction to each part."""
+    interaction to each part. group (ours): γ' = relu(γ), so the group is charged with every interaction and γ is
+    the net run on the rest alone (up to the biases' split); β is then all that the group changes."""
     full = F.relu(rel + irrel)
+    if rule == "group":
+        i = F.relu(irrel)
+        return full - i, i
     if rule == "symmetric":
         r = 0.5 * (F.relu(rel) + full - F.relu(irrel))
         return r, full - r
