@@ -286,7 +286,7 @@ def test_cd_linear_hand_value_and_penalty():
                                           torch.tensor([[[1.0, 0.0]]], dtype=DT))
     # Wβ = 1, Wγ = 2, bias 3 shared 1:2 -> β = 2, γ = 4
     assert rel.item() == pytest.approx(2.0) and irrel.item() == pytest.approx(4.0)
-    pen = cdep_penalty(rel, irrel, torch.tensor([True]))
+    pen = cdep_penalty(rel, irrel, torch.tensor([True]), "share")
     assert pen.item() == pytest.approx(1 / (1 + math.exp(2.0)))
 
 
@@ -339,7 +339,8 @@ def test_cdep_centred_score_ignores_a_common_logit_shift():
     # the centred score only sees what the group does to the logits' differences
     rel, irrel = torch.tensor([[1.0, -1.0, 0.0]], dtype=DT), torch.zeros(1, 3, dtype=DT)
     has = torch.tensor([True])
-    assert cdep_penalty(rel, irrel + 20, has).item() < 1e-8 < cdep_penalty(rel, irrel, has).item()
+    share = lambda r, i: cdep_penalty(r, i, has, "share").item()  # noqa: E731
+    assert share(rel, irrel + 20) < 1e-8 < share(rel, irrel)
     centred = cdep_penalty(rel, irrel, has, "centred_l1").item()
     assert centred == pytest.approx(2 / 3)
     assert cdep_penalty(rel + 5, irrel + 20, has, "centred_l1").item() == pytest.approx(centred)
