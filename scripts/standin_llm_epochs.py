@@ -3,7 +3,12 @@ training split for each epoch count, then print its validation perplexity and wh
 validation images (true class in the prompt), scored against their references. Used for LLM_EPOCHS
 (docs/standins.md); reads the validation split only.
 
-    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20
+Whether the LLM reads its image slot: the perplexity with the slot of another image (`val_perplexity_shuffled`),
+and how often the greedy rationale names the image's true position and shape (`where_acc`, `shape_acc`; the
+most frequent position's share is `where_majority`). `--probe` first prints what a linear probe trained on the
+training split reads from the slot's CLIP tokens on val: what an LLM could read at best.
+
+    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe]
 """
 import argparse
 import json
@@ -19,11 +24,38 @@ from megl.models.conversation import PromptBuilder
 from megl.models.llm import tiny_llama
 from megl.models.sdtg import greedy_generate
 from megl.models.tokenizer import train_tokenizer
+from megl.data.synthetic import SHAPES, WHERE
+
+POSITIONS = [w for row in WHERE for w in row]
+
+
+def named(text, options):
+    """The longest of `options` that `text` contains (None if none)."""
+    hits = [o for o in options if o in text]
+    return max(hits, key=len) if hits else None
+
+
+def probe(tokens, split_labels, val_tokens, val_labels, classes, steps=300):
+    """Validation accuracy of a linear classifier on the flattened, standardised slot tokens."""
+    x, xv = tokens.flatten(1), val_tokens.flatten(1)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    x, xv = (x - mu) / sd, (xv - mu) / sd
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.Adam(lin.parameters(), 1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(lin(x), split_labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return round(float((lin(xv).argmax(1) == val_labels).float().mean()), 3)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", default="3,10,20")
     ap.add_argument("--lr", type=float, default=P.LLM_LR)
+    ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = Config(clip_model="tiny", llm="tiny").validate()
@@ -32,18 +64,32 @@ if __name__ == "__main__":
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, cfg.tokenizer_vocab_size)
     vis = standins.image_slot_tokens(cfg, splits)
     names = [train.class_names[r.label] for r in val.records]
+    truth = {k: [r.meta[k] for r in val.records] for k in ("where", "shape")}
+    majority = max(truth["where"].count(w) for w in POSITIONS) / len(val.records)
+    if args.probe:
+        def labels(split, key, opts):
+            return torch.tensor([opts.index(r.meta[key]) for r in split.records])
+        print(json.dumps({f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
+                          for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))} | {"where_majority": round(majority, 3)}),
+              flush=True)
     for epochs in (int(e) for e in args.epochs.split(",")):
         torch.manual_seed(cfg.seed)
         llm, proj = tiny_llama(cfg, tok), torch.nn.Linear(cfg.tiny_clip_width, cfg.tiny_llm_hidden)
         rep = P.pretrain_llm(llm, tok, train, train.class_names, visual=vis["train"], projector=proj, epochs=epochs,
                              lr=args.lr, seed=cfg.seed)
         ppl = P.perplexity(llm, tok, val, train.class_names, vis["val"], proj)
+        other = torch.randperm(len(vis["val"]), generator=torch.Generator().manual_seed(1))
+        ppl_shuffled = P.perplexity(llm, tok, val, train.class_names, vis["val"][other], proj)
         prompts, embed = PromptBuilder(tok), llm.get_input_embeddings()
         with torch.no_grad():
             inputs, mask, pos = prompts.prompt_batch(embed, proj(vis["val"]), names)
             ids = greedy_generate(llm, embed, inputs, mask, pos, 40, prompts.eos)
         said = [tok.decode(i, skip_special_tokens=True).strip() for i in ids]
         m = caption_metrics(said, [r.references for r in val.records], spice="off")
+        acc = {k: round(sum(named(t, o) == v for t, v in zip(said, truth[k])) / len(said), 3)
+               for k, o in (("where", POSITIONS), ("shape", SHAPES))}
         print(json.dumps({"epochs": epochs, "seconds": rep["seconds"], "val_perplexity": round(ppl, 3),
+                          "val_perplexity_shuffled": round(ppl_shuffled, 3), "where_acc": acc["where"],
+                          "where_majority": round(majority, 3), "shape_acc": acc["shape"],
                           "distinct": len(set(said)), "bleu4": round(m["bleu4"], 3), "cider": round(m["cider"], 3),
                           "example": said[0]}), flush=True)
