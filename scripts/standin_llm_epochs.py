@@ -6,9 +6,11 @@ validation images (true class in the prompt), scored against their references. U
 Whether the LLM reads its image slot: the perplexity with the slot of another image (`val_perplexity_shuffled`),
 and how often the greedy rationale names the image's true position and shape (`where_acc`, `shape_acc`; the
 most frequent position's share is `where_majority`). `--probe` first prints what a linear probe trained on the
-training split reads from the slot's CLIP tokens on val: what an LLM could read at best.
+training split reads from the slot's CLIP tokens on val: what an LLM could read at best. `--masked-only`
+pretrains on the annotated training images alone, whose slot shows I ⊙ A as at validation and in MEGL (the
+others' slot shows the whole image).
 
-    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe]
+    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe] [--masked-only]
 """
 import argparse
 import json
@@ -56,6 +58,7 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", default="3,10,20")
     ap.add_argument("--lr", type=float, default=P.LLM_LR)
     ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
+    ap.add_argument("--masked-only", action="store_true", help="pretrain on the annotated training images only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = Config(clip_model="tiny", llm="tiny").validate()
@@ -72,6 +75,10 @@ if __name__ == "__main__":
         print(json.dumps({f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
                           for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))} | {"where_majority": round(majority, 3)}),
               flush=True)
+    if args.masked_only:  # the pairs of images without a mask are left out of the training split
+        every = P._pairs
+        P._pairs = lambda split, names: [p for p in every(split, names)
+                                         if split is not train or bool(train.has_masks[p[0]])]
     for epochs in (int(e) for e in args.epochs.split(",")):
         torch.manual_seed(cfg.seed)
         llm, proj = tiny_llama(cfg, tok), torch.nn.Linear(cfg.tiny_clip_width, cfg.tiny_llm_hidden)
