@@ -111,7 +111,8 @@ def cd_relu(rel: Tensor, irrel: Tensor, rule: str = "reference") -> tuple[Tensor
     """reference: β' = relu(β), so the group's interactions with the rest (e.g. a swatch that switches a digit
     unit off) all go to γ. symmetric: the two-player Shapley split of relu(β + γ), which charges half of each
     interaction to each part. group (ours): γ' = relu(γ), so the group is charged with every interaction and γ is
-    the net run on the rest alone (up to the biases' split); β is then all that the group changes."""
+    the net run on the rest alone (up to the biases' split and max-pool's argmax, both taken from the whole
+    input); β is then all that the group changes."""
     full = F.relu(rel + irrel)
     if rule == "group":
         i = F.relu(irrel)
