@@ -19,6 +19,7 @@ import torch
 
 from megl import runs
 from megl.config import Config
+from megl.data.synthetic import SHAPES, WHERE
 from megl.metrics import caption_metrics
 from megl.models import pretrain as P
 from megl.models import standins
@@ -26,7 +27,6 @@ from megl.models.conversation import PromptBuilder
 from megl.models.llm import tiny_llama
 from megl.models.sdtg import greedy_generate
 from megl.models.tokenizer import train_tokenizer
-from megl.data.synthetic import SHAPES, WHERE
 
 POSITIONS = [w for row in WHERE for w in row]
 
@@ -35,6 +35,10 @@ def named(text, options):
     """The longest of `options` that `text` contains (None if none)."""
     hits = [o for o in options if o in text]
     return max(hits, key=len) if hits else None
+
+
+def labels(split, key, options):
+    return torch.tensor([options.index(r.meta[key]) for r in split.records])
 
 
 def probe(tokens, split_labels, val_tokens, val_labels, classes, steps=300):
@@ -68,13 +72,11 @@ if __name__ == "__main__":
     vis = standins.image_slot_tokens(cfg, splits)
     names = [train.class_names[r.label] for r in val.records]
     truth = {k: [r.meta[k] for r in val.records] for k in ("where", "shape")}
-    majority = max(truth["where"].count(w) for w in POSITIONS) / len(val.records)
+    majority = round(max(truth["where"].count(w) for w in POSITIONS) / len(val.records), 3)
     if args.probe:
-        def labels(split, key, opts):
-            return torch.tensor([opts.index(r.meta[key]) for r in split.records])
-        print(json.dumps({f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
-                          for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))} | {"where_majority": round(majority, 3)}),
-              flush=True)
+        probes = {f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
+                  for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))}
+        print(json.dumps(probes | {"where_majority": majority}), flush=True)
     if args.masked_only:  # the pairs of images without a mask are left out of the training split
         every = P._pairs
         P._pairs = lambda split, names: [p for p in every(split, names)
@@ -97,6 +99,6 @@ if __name__ == "__main__":
                for k, o in (("where", POSITIONS), ("shape", SHAPES))}
         print(json.dumps({"epochs": epochs, "seconds": rep["seconds"], "val_perplexity": round(ppl, 3),
                           "val_perplexity_shuffled": round(ppl_shuffled, 3), "where_acc": acc["where"],
-                          "where_majority": round(majority, 3), "shape_acc": acc["shape"],
+                          "where_majority": majority, "shape_acc": acc["shape"],
                           "distinct": len(set(said)), "bleu4": round(m["bleu4"], 3), "cider": round(m["cider"], 3),
                           "example": said[0]}), flush=True)
