@@ -8,9 +8,10 @@ and how often the greedy rationale names the image's true position and shape (`w
 most frequent position's share is `where_majority`). `--probe` first prints what a linear probe trained on the
 training split reads from the slot's CLIP tokens on val: what an LLM could read at best. `--masked-only`
 pretrains on the annotated training images alone, whose slot shows I ⊙ A as at validation and in MEGL (the
-others' slot shows the whole image).
+others' slot shows the whole image), for as many steps as the whole split takes (`llm_pretrain_images=masked`).
+`--quick` uses the data of `megl.experiments --quick` (Table 2 / 4), `--seeds` repeats each row per seed.
 
-    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe] [--masked-only]
+    OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe] [--masked-only] [--quick]
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import torch
 from megl import runs
 from megl.config import Config
 from megl.data.synthetic import SHAPES, WHERE
+from megl.experiments import QUICK
 from megl.metrics import caption_metrics
 from megl.models import pretrain as P
 from megl.models import standins
@@ -57,15 +59,10 @@ def probe(tokens, split_labels, val_tokens, val_labels, classes, steps=300):
     with torch.no_grad():
         return round(float((lin(xv).argmax(1) == val_labels).float().mean()), 3)
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", default="3,10,20")
-    ap.add_argument("--lr", type=float, default=P.LLM_LR)
-    ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
-    ap.add_argument("--masked-only", action="store_true", help="pretrain on the annotated training images only")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = Config(clip_model="tiny", llm="tiny").validate()
+
+def report(args, seed):
+    data = {"synthetic": QUICK["synthetic"]} if args.quick else {}
+    cfg = Config.from_dict({**Config().to_dict(), **data, "seed": seed}).validate()
     splits = runs.make_splits(cfg)
     train, val = splits["train"], splits["val"]
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, cfg.tokenizer_vocab_size)
@@ -77,15 +74,12 @@ if __name__ == "__main__":
         probes = {f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
                   for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))}
         print(json.dumps(probes | {"where_majority": majority}), flush=True)
-    if args.masked_only:  # the pairs of images without a mask are left out of the training split
-        every = P._pairs
-        P._pairs = lambda split, names: [p for p in every(split, names)
-                                         if split is not train or bool(train.has_masks[p[0]])]
+    images = train.has_masks.tolist() if args.masked_only else None
     for epochs in (int(e) for e in args.epochs.split(",")):
         torch.manual_seed(cfg.seed)
         llm, proj = tiny_llama(cfg, tok), torch.nn.Linear(cfg.tiny_clip_width, cfg.tiny_llm_hidden)
         rep = P.pretrain_llm(llm, tok, train, train.class_names, visual=vis["train"], projector=proj, epochs=epochs,
-                             lr=args.lr, seed=cfg.seed)
+                             lr=args.lr, seed=cfg.seed, images=images)
         ppl = P.perplexity(llm, tok, val, train.class_names, vis["val"], proj)
         other = torch.randperm(len(vis["val"]), generator=torch.Generator().manual_seed(1))
         ppl_shuffled = P.perplexity(llm, tok, val, train.class_names, vis["val"][other], proj)
@@ -97,8 +91,23 @@ if __name__ == "__main__":
         m = caption_metrics(said, [r.references for r in val.records], spice="off")
         acc = {k: round(sum(named(t, o) == v for t, v in zip(said, truth[k])) / len(said), 3)
                for k, o in (("where", POSITIONS), ("shape", SHAPES))}
-        print(json.dumps({"epochs": epochs, "seconds": rep["seconds"], "val_perplexity": round(ppl, 3),
+        print(json.dumps({"seed": seed, "epochs": rep["epochs"], "images": rep["images"], "seconds": rep["seconds"],
+                          "val_perplexity": round(ppl, 3),
                           "val_perplexity_shuffled": round(ppl_shuffled, 3), "where_acc": acc["where"],
                           "where_majority": majority, "shape_acc": acc["shape"],
                           "distinct": len(set(said)), "bleu4": round(m["bleu4"], 3), "cider": round(m["cider"], 3),
                           "example": said[0]}), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", default="3,10,20")
+    ap.add_argument("--lr", type=float, default=P.LLM_LR)
+    ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
+    ap.add_argument("--masked-only", action="store_true", help="pretrain on the annotated training images only")
+    ap.add_argument("--quick", action="store_true", help="the data of megl.experiments --quick")
+    ap.add_argument("--seeds", default="0", help="comma-separated run seeds (data stay those of data_seed)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        report(args, seed)

@@ -92,6 +92,12 @@ def test_run_names_identify_the_configuration(monkeypatch):
               ex.run_name(ex.run_config(base, "resnet18", "gradia", 0)),
               ex.run_name(ex.run_config(base, "resnet18", "megl", 0, "text"), "text")}
     assert ex.run_name(a) not in others and len(others) == 4
+    # a whole number names the same run as an int or a float; another value does not
+    one, one_f, more = ({**base, "lambda_visual": v, "method_args": {"rrr_lambda": v}} for v in (1, 1.0, 1.5))
+    def name(cfg, method):
+        return ex.run_name(ex.run_config(cfg, "resnet18", method, 0))
+    assert name(one, "megl") == name(one_f, "megl") and name(one, "rrr") == name(one_f, "rrr")
+    assert name(one, "megl") != name(more, "megl")
     # a method's package default is part of the name: a run made before the default changed is not reused
     from megl.losses.rrr import DEFAULTS as RRR_DEFAULTS
 

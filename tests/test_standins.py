@@ -99,6 +99,31 @@ def test_llm_pretraining_lowers_perplexity(data):
     assert not any(p.requires_grad for p in llm.parameters())
 
 
+def test_llm_pretraining_on_the_masked_images_alone(data, monkeypatch):
+    """llm_pretrain_images=masked keeps the annotated images' rationales, for the steps of the whole split; it has its
+    own cache entry, and falls back to every image (saying so) when no image has a mask."""
+    from megl.models.llm import tiny_llama
+
+    cfg, splits, tok = data
+    train, names = splits["train"], splits["train"].class_names
+    flags = train.has_masks.tolist()
+    assert 0 < sum(flags) < len(flags)
+    every = P.pretrain_llm(tiny_llama(cfg, tok), tok, train, names, epochs=2, batch_size=16, seed=0)
+    masked = P.pretrain_llm(tiny_llama(cfg, tok), tok, train, names, epochs=2, batch_size=16, seed=0, images=flags)
+    assert every["images"] == len(flags) and masked["images"] == sum(flags)
+    assert abs(masked["steps"] - every["steps"]) <= masked["steps"] // masked["epochs"]  # about the same steps
+    with pytest.raises(ValueError, match="keeps no training image"):
+        P.pretrain_llm(tiny_llama(cfg, tok), tok, train, names, epochs=1, images=[False] * len(flags))
+    mcfg = Config(**{**SMALL, "llm_pretrain_images": "masked"})
+    assert standins.cache_key("llm", mcfg, tok) != standins.cache_key("llm", cfg, tok)
+    assert standins._pretrain_images(mcfg, train) == flags and standins._pretrain_images(cfg, train) is None
+    said = []
+    monkeypatch.setattr(type(train), "has_masks", property(lambda self: torch.zeros(len(self), dtype=torch.bool)))
+    assert standins._pretrain_images(mcfg, train, said.append) is None and "no training image" in said[0]
+    with pytest.raises(Exception, match="llm_pretrain_images"):
+        Config(**{**SMALL, "llm_pretrain_images": "some"}).validate()
+
+
 def test_cache_is_reused_and_invalidated_by_the_data_config(data, tmp_path, monkeypatch):
     _, splits, tok = data
     monkeypatch.setattr(P, "LLM_EPOCHS", 1)  # the cache's logic, not the model's quality

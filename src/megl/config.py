@@ -18,6 +18,7 @@ from megl.errors import UserError
 BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST nets (megl.models.small)
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
 MLP_INPUTS = ("unit", "signed")  # the mlp's pixel range: [0, 1] (RRR's) or [-1, 1] (CDEP's); megl.models.small
+LLM_PRETRAIN_IMAGES = ("all", "masked")  # whose rationales pretrain the tiny LLM (megl.models.standins)
 BACKGROUND_MODES = ("swap", "uniform")  # the two forms of MEGL's background term (megl.losses.megl.background_loss)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
@@ -106,6 +107,9 @@ class Config:
     tiny_llm_hidden: int = 64
     tiny_llm_layers: int = 2
     tiny_llm_heads: int = 4
+    # "all" training images (the slot shows I ⊙ A where there is a mask, else I) or the "masked" ones alone, whose
+    # slot shows I ⊙ A as MEGL's does; the same number of steps either way (docs/standins.md)
+    llm_pretrain_images: str = "all"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -201,6 +205,9 @@ class Config:
         if self.saliency_target not in SALIENCY_TARGETS:
             raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
                               " (--set saliency_target=NAME)")
+        if self.llm_pretrain_images not in LLM_PRETRAIN_IMAGES:
+            raise ConfigError(f"llm_pretrain_images = {self.llm_pretrain_images!r}: choose one of "
+                              f"{', '.join(LLM_PRETRAIN_IMAGES)} (--set llm_pretrain_images=masked)")
         if self.mlp_input not in MLP_INPUTS:
             raise ConfigError(f"mlp_input = {self.mlp_input!r}: choose one of {', '.join(MLP_INPUTS)} "
                               "(--set mlp_input=signed)")

@@ -105,6 +105,17 @@ def method_defaults(method: str) -> dict:
     return dict(getattr(inspect.getmodule(get_method(method).resolve("loss")), "DEFAULTS", None) or {})
 
 
+def _integral(value):
+    """`value` with every whole float as an int, so that `--set lambda=1` and `lambda=1.0` name the same run."""
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_integral(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def run_name(config: Config, ablation: Optional[str] = None) -> str:
     """backbone_method[_ablation]_seed<k>_<hash of the config>. The hash covers the method's package defaults
     too, so a run trained before a default changed is not reused for the new default."""
@@ -112,7 +123,7 @@ def run_name(config: Config, ablation: Optional[str] = None) -> str:
     defaults = method_defaults(config.method)
     if defaults:
         d["method_args"] = {**defaults, **(d.get("method_args") or {})}
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(_integral(d), sort_keys=True).encode()).hexdigest()[:10]
     who = "llm" if config.method in LLM_METHODS else config.backbone
     tag = f"_{ablation}" if ablation else ""
     return f"{who}_{config.method}{tag}_seed{config.seed}_{digest}"

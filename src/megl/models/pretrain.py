@@ -213,17 +213,25 @@ def perplexity(llm: nn.Module, tokenizer, split, class_names: Sequence[str], vis
 
 def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *, visual: Optional[Tensor] = None,
                  projector: Optional[nn.Module] = None, epochs: int = LLM_EPOCHS, batch_size: int = LLM_BATCH,
-                 lr: float = LLM_LR, seed: int = 0, log: Optional[list] = None) -> dict:
+                 lr: float = LLM_LR, seed: int = 0, images: Optional[Sequence[bool]] = None,
+                 log: Optional[list] = None) -> dict:
     """Pretrain the tiny Llama in place as a conditional LM on a training split's rationales; returns a report.
 
     With `visual` (the frozen CLIP's tokens of the split's images, `clip_tokens`) the image slot holds
     `projector(visual)` and the projector trains jointly (LLaVA's alignment stage: the LLM learns to read CLIP);
-    without, the slot holds noise.
+    without, the slot holds noise. `images` (a flag per image) keeps only those images' rationales; the epochs are
+    then scaled so that the number of optimiser steps stays that of the whole split.
     """
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     prompts = PromptBuilder(tokenizer)
     pairs = _pairs(split, class_names)
+    if images is not None:
+        kept = [p for p in pairs if images[p[0]]]
+        if not kept:
+            raise ValueError("pretrain_llm: `images` keeps no training image")
+        epochs = max(1, round(epochs * math.ceil(len(pairs) / batch_size) / math.ceil(len(kept) / batch_size)))
+        pairs = kept
     params = list(llm.parameters()) + (list(projector.parameters()) if projector is not None else [])
     for p in params:
         p.requires_grad_(True)
@@ -251,7 +259,7 @@ def pretrain_llm(llm: nn.Module, tokenizer, split, class_names: Sequence[str], *
         p.requires_grad_(False)
     k = steps_per_epoch
     return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 2),
-            "image_slot": "clip" if visual is not None else "noise",
+            "image_slot": "clip" if visual is not None else "noise", "images": len({p[0] for p in pairs}),
             "loss_first_epoch": sum(losses[:k]) / k, "loss_last_epoch": sum(losses[-k:]) / k}
 
 

@@ -67,6 +67,8 @@ def cache_key(kind: str, config, tokenizer=None) -> dict:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
         arch["vocab_sha256"] = hashlib.sha256(vocab.encode()).hexdigest()
         recipe = {"epochs": P.LLM_EPOCHS, "batch": P.LLM_BATCH, "lr": P.LLM_LR, "n_visual": P.N_VISUAL}
+        if config.llm_pretrain_images != "all":  # the "all" recipe keeps its old key, and so its cached entries
+            recipe["images"] = config.llm_pretrain_images
         if config.clip_model == TINY:  # it reads the pretrained CLIP's tokens of this layer
             recipe["clip"] = _digest(cache_key("clip", config))
             recipe["clip_feature_layer"] = config.clip_feature_layer
@@ -146,7 +148,8 @@ def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> 
 
         before = ppl() if has_val else None
         report = P.pretrain_llm(model, tokenizer, train, names, visual=visual.get("train"), projector=projector,
-                                epochs=P.LLM_EPOCHS, batch_size=P.LLM_BATCH, lr=P.LLM_LR, seed=config.seed)
+                                epochs=P.LLM_EPOCHS, batch_size=P.LLM_BATCH, lr=P.LLM_LR, seed=config.seed,
+                                images=_pretrain_images(config, train, log))
         if before is not None:
             report["val_perplexity_before"] = before
             report["val_perplexity"] = ppl()
@@ -154,6 +157,18 @@ def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> 
     if projector is not None:
         state.update({PROJECTOR + k: v.detach().clone() for k, v in projector.state_dict().items()})
     return state, report
+
+
+def _pretrain_images(config, train, log=print):
+    """The flag per training image of `llm_pretrain_images`, or None for every image. Without a single masked
+    image, "masked" falls back to every image (said once)."""
+    if config.llm_pretrain_images != "masked":
+        return None
+    has = train.has_masks
+    if not bool(has.any()):
+        log("llm_pretrain_images=masked: no training image has a mask, so the LLM stand-in pretrains on every image")
+        return None
+    return has.tolist()
 
 
 def split_llm_state(state: dict) -> tuple[dict, dict]:
