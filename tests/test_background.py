@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megl.losses.megl import background_loss, remove_object
+from megl.losses.megl import background_loss, remove_object, swap_composite
 
 
 class Linear(torch.nn.Module):
@@ -55,7 +55,7 @@ def test_background_loss_is_kl_from_uniform_on_annotated_samples():
         megl.losses.background(plain, image, mask[:, :2])
 
 
-@pytest.mark.parametrize("mode", ["uniform", "swap"])
+@pytest.mark.parametrize("mode", ["uniform", "swap", "transplant"])
 def test_background_term_takes_the_weight_off_a_decoy_pixel(mode):
     # pixel 0 is the object (in the mask, a noisy cue), pixel 1 a decoy outside it that names the class exactly
     torch.manual_seed(0)
@@ -104,6 +104,19 @@ def test_swap_pastes_the_next_annotated_object_onto_a_cleared_background():
         background_loss(clf, image, mask, has, None, "swap")
     with pytest.raises(ValueError, match="mode must be"):
         background_loss(clf, image, mask, has, label, "blur")
+
+
+def test_transplant_fills_the_union_of_both_masks_from_the_donor_and_paints_nothing():
+    # 1 x 3 images: image 0's object is pixel 0, image 1's is pixel 1; pixel 2 is background (a decoy's place)
+    image = torch.tensor([[10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]).view(2, 1, 1, 3)
+    mask = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])
+    idx = torch.tensor([0, 1])
+    composite, donor = swap_composite(image, mask, idx, "transplant")
+    assert donor.tolist() == [1, 0]
+    # host 0 keeps only pixel 2 (outside both masks); every other pixel is the donor's own
+    assert composite.view(2, 3).tolist() == [[20.0, 21.0, 12.0], [10.0, 11.0, 22.0]]
+    swapped, _ = swap_composite(image, mask, idx, "swap")  # the host's object is painted with the batch mean
+    assert swapped.view(2, 3)[0, 0].item() == pytest.approx(image.mean().item())
 
 
 def test_megl_loss_logs_the_background_part(tmp_path):

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from megl.config import BACKGROUND_MODES
 
+SWAP_MODES = ("swap", "transplant")  # the modes that paste another annotated image's object
+
 from .common import PARTS
 
 
@@ -42,6 +44,21 @@ def batch_colour(image: torch.Tensor) -> torch.Tensor:
     return image.detach().mean((0, 2, 3), keepdim=True)
 
 
+def swap_composite(image: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor,
+                   mode: str = "swap") -> tuple[torch.Tensor, torch.Tensor]:
+    """(composites, donor indices): the object of image idx[k + 1] (cyclically) on the background of image idx[k],
+    as `background_loss`'s swap modes build them; idx holds at least two annotated images."""
+    donor = idx.roll(-1)
+    paste = mask[donor].to(image.dtype)
+    if mode == "transplant":
+        paste = torch.maximum(paste, mask[idx].to(image.dtype))
+        host = image[idx]
+    else:
+        host = remove_object(image[idx], mask[idx], batch_colour(image))
+    paste = paste.unsqueeze(1)
+    return host * (1 - paste) + image[donor] * paste, donor
+
+
 def _logits(classifier, x: torch.Tensor) -> torch.Tensor:
     out = classifier(x)
     return getattr(out, "logits", out)  # megl's classifiers return an output object, plain models a tensor
@@ -56,6 +73,10 @@ def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor, has_mas
     swap:    annotated image k + 1's object pasted onto image k's background (its own object painted out) must be
              classified as the pasted object's label: mean CE. The composite still shows an object, so the network
              cannot tell counterfactuals from real images by the missing object, as it can under `uniform`.
+    transplant: the same CE, but image k + 1 fills the union of both masks, so k's object region holds k + 1's
+             own background instead of a flat colour. On textured or noisy images a painted region is a silhouette
+             of k's object that marks every composite (docs/decoy_mnist.md); a decoy of k + 1 lying under k's
+             object would be carried along, so it suits decoys away from the objects (corners).
 
     Grad-CAM terms cannot ask for either, because a cell over the object may read a decoy through its receptive
     field (docs/recipe.md §4)."""
@@ -67,15 +88,12 @@ def background_loss(classifier, image: torch.Tensor, mask: torch.Tensor, has_mas
         raise ValueError(f"background: mask must be (B, H, W) = {(image.shape[0], *image.shape[-2:])} like the "
                          f"images, got {tuple(mask.shape)}")
     idx = has_mask.nonzero().squeeze(1)
-    if mode == "swap":
+    if mode in SWAP_MODES:
         if label is None:
-            raise ValueError("background: mode 'swap' needs the labels (label=...)")
+            raise ValueError(f"background: mode {mode!r} needs the labels (label=...)")
         if idx.numel() < 2:  # no other object to paste
             return image.new_zeros(())
-        donor = idx.roll(-1)
-        paste = mask[donor].to(image.dtype).unsqueeze(1)
-        host = remove_object(image[idx], mask[idx], batch_colour(image))
-        composite = host * (1 - paste) + image[donor] * paste
+        composite, donor = swap_composite(image, mask, idx, mode)
         return F.cross_entropy(_logits(classifier, composite).float(), label[donor])
     if idx.numel() == 0:
         return image.new_zeros(())
