@@ -207,6 +207,21 @@ def test_decoy_experiment_smoke_writes_its_table(tmp_path, monkeypatch):
     assert "megl on the mlp: n/a" in (out / "table-mlp-paper-f1.md").read_text()
 
 
+def test_a_decoy_sweep_prints_no_test_accuracy(tmp_path, monkeypatch, capfd):
+    """Sweeps choose on val: what they print while training must not show the test split (the table does)."""
+    from megl import experiments
+
+    monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
+    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline", "--n-train", "20", "--n-val", "8",
+            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(tmp_path / "exp"),
+            "--threads", "1", "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    assert experiments.main(argv + ["--sweep", "lr=0.001"]) == 0
+    err = capfd.readouterr().err
+    assert "val acc" in err and "test acc" not in err
+    assert experiments.main(argv + ["--seeds", "1"]) == 0
+    assert "test acc" in capfd.readouterr().err
+
+
 def test_decoy_experiment_without_mnist_says_how_to_point_at_it(tmp_path, monkeypatch):
     from megl import experiments
 

@@ -210,9 +210,9 @@ def score(model, parts: dict, swatch: int, batch: int = 500) -> dict:
 
 # ----------------------------------------------------------------------------- runs
 def run_method(base: dict, out: Path, backbone: str, method: str, seed: int, parts: dict, swatch: int,
-               train: bool = True) -> Optional[dict]:
+               train: bool = True, blind: bool = False) -> Optional[dict]:
     """Train (or reuse) one run and score it; the scores are cached in the run directory. train=False: only a
-    finished run is scored (None otherwise)."""
+    finished run is scored (None otherwise). blind: print no test accuracy while training (sweeps)."""
     from megl import experiments as ex
     from megl import runs
 
@@ -221,7 +221,7 @@ def run_method(base: dict, out: Path, backbone: str, method: str, seed: int, par
         config = ex.run_config(base, backbone, name, seed, ablation or None)
         if not ex._finished(out / "runs" / ex.run_name(config, ablation or None), config):
             return None
-    payload = ex.run_one(base, out, backbone, name, seed, ablation or None, text=False)
+    payload = ex.run_one(base, out, backbone, name, seed, ablation or None, text=False, blind=blind)
     run_dir = Path(payload["run_dir"])
     cache = run_dir / "decoy_eval.json"
     if cache.exists():
@@ -364,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"megl.experiments: {e}")
             label = method if sweep_key is None else f"{method} {sweep_key}={value}"
-            rows = [run_method(d, out, bb, method, s, parts, c["swatch"], not args.no_train) for s in seeds]
+            rows = [run_method(d, out, bb, method, s, parts, c["swatch"], not args.no_train, blind=sweep_key is not None)
+                    for s in seeds]
             results[label] = [r for r in rows if r is not None]
             if len(results[label]) < len(seeds):
                 notes_missing.append(f"{label}: {len(results[label])} of {len(seeds)} seeds finished")

@@ -137,13 +137,15 @@ def _finished(run_dir: Path, config: Config) -> bool:
     return len(metrics) >= config.epochs and (run_dir / "eval.json").exists()
 
 
-def train_run(config: Config, run_dir: Path, progress: bool) -> None:
-    """A megl.train run (any registered method), resumed if a checkpoint exists."""
+def train_run(config: Config, run_dir: Path, progress: bool, blind: bool = False) -> None:
+    """A megl.train run (any registered method), resumed if a checkpoint exists; blind: its log shows no test
+    accuracy."""
     from megl import runs
     from megl.train import Dist, train
 
     resume = runs.load_checkpoint(run_dir) is not None
-    train(config, run_dir, Dist(config.device), resume=resume, progress=progress)
+    train(config, run_dir, Dist(config.device), resume=resume, progress=progress,
+          log_splits=("val",) if blind else ("val", "test"))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -205,8 +207,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run_one(base: dict, out: Path, backbone: str, method: str, seed: int, ablation: Optional[str] = None, *,
-            text: bool = True, progress: bool = False) -> dict:
-    """Train (or reuse / resume) one run and return its eval.json content."""
+            text: bool = True, progress: bool = False, blind: bool = False) -> dict:
+    """Train (or reuse / resume) one run and return its eval.json content. blind (sweeps, which choose on val):
+    what is printed while training names the validation accuracy, never the test split's."""
     config = run_config(base, backbone, method, seed, ablation)
     run_dir = out / "runs" / run_name(config, ablation)
     want_text = text and method in TEXT_METHODS and ablation is None
@@ -220,13 +223,18 @@ def run_one(base: dict, out: Path, backbone: str, method: str, seed: int, ablati
     label = f"{method}{'/' + ablation if ablation else ''} ({where}, seed {seed})"
     print(f"[experiments] training {label} -> {run_dir}", file=sys.stderr, flush=True)
     t0 = time.time()
-    train_run(config, run_dir, progress)
+    train_run(config, run_dir, progress, blind)
     result = evaluate_run(run_dir, config, want_text)
     payload = {"backbone": None if method in LLM_METHODS else backbone, "method": method, "ablation": ablation,
                "seed": seed, "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir), "metrics": result}
     _write_json(run_dir / "eval.json", payload)
-    print(f"[experiments] {label}: acc {result.get('accuracy', float('nan')):.4f} in {payload['seconds']} s",
-          file=sys.stderr, flush=True)
+    if blind:
+        from megl import runs
+
+        shown = f"val acc {runs.read_metrics(run_dir)[-1]['val']['accuracy']:.4f}"
+    else:
+        shown = f"test acc {result.get('accuracy', float('nan')):.4f}"
+    print(f"[experiments] {label}: {shown} in {payload['seconds']} s", file=sys.stderr, flush=True)
     return payload
 
 

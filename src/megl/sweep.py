@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for v in values:
         cfg = apply_overrides(base, [f"{key}={v}"])
         for seed in seeds:
-            payload = run_one(cfg, out, args.backbone, args.method, seed, text=False)
+            payload = run_one(cfg, out, args.backbone, args.method, seed, text=False, blind=True)
             val = runs.read_metrics(payload["run_dir"])[-1]["val"]["accuracy"]
             scores.setdefault(v, []).append(val)
             print(f"[sweep] {args.method} {key}={v} seed {seed}: val acc {val:.4f}", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -254,7 +254,8 @@ def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
     d.barrier()
 
 
-def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress: bool = True) -> list[dict]:
+def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress: bool = True,
+          log_splits: Sequence[str] = ("val", "test")) -> list[dict]:
     from megl.data import collate, mean_mask_prior
     from megl.models import standins
     from megl.models.tokenizer import train_tokenizer
@@ -396,19 +397,19 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
             runs.write_metrics(run_dir, state["metrics"])
             if method.kind == "visual":  # LLM methods explain in text only
                 write_overlays(model, splits["val"], run_dir, config.num_overlays, d.device)
-            print(format_entry(entry), file=sys.stderr)
+            print(format_entry(entry, log_splits), file=sys.stderr)
     if d.main:
         print(f"done in {time.time() - t0:.1f} s; run directory: {run_dir}", file=sys.stderr)
     return state["metrics"]
 
 
-def format_entry(entry: dict) -> str:
+def format_entry(entry: dict, splits: Sequence[str] = ("val", "test")) -> str:
     parts = [f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}"]
     if "grad_share" in entry:
         parts.append("grad share " + " ".join(f"{k} {v:.2f}" for k, v in entry["grad_share"].items()))
     if "train" in entry:
         parts.append(f"train acc {entry['train']['accuracy']:.4f}")
-    for name in ("val", "test"):
+    for name in splits:
         if name in entry:
             m = entry[name]
             miou = "n/a" if m["miou"] is None else f"{m['miou']:.4f}"
