@@ -365,8 +365,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"megl.experiments: {e}")
             label = method if sweep_key is None else f"{method} {sweep_key}={value}"
-            rows = [run_method(d, out, bb, method, s, parts, c["swatch"], not args.no_train, blind=sweep_key is not None)
-                    for s in seeds]
+            blind = sweep_key is not None  # a sweep chooses on val: its training log shows no test accuracy
+            rows = [run_method(d, out, bb, method, s, parts, c["swatch"], not args.no_train, blind) for s in seeds]
             results[label] = [r for r in rows if r is not None]
             if len(results[label]) < len(seeds):
                 notes_missing.append(f"{label}: {len(results[label])} of {len(seeds)} seeds finished")

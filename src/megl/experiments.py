@@ -141,11 +141,11 @@ def train_run(config: Config, run_dir: Path, progress: bool, blind: bool = False
     """A megl.train run (any registered method), resumed if a checkpoint exists; blind: its log shows no test
     accuracy."""
     from megl import runs
-    from megl.train import Dist, train
+    from megl.train import LOG_SPLITS, Dist, train
 
     resume = runs.load_checkpoint(run_dir) is not None
     train(config, run_dir, Dist(config.device), resume=resume, progress=progress,
-          log_splits=("val",) if blind else ("val", "test"))
+          log_splits=("val",) if blind else LOG_SPLITS)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -254,8 +254,11 @@ def save_state(run_dir, model, optimizer, state, d: Dist) -> None:
     d.barrier()
 
 
+LOG_SPLITS = ("val", "test")  # the splits whose accuracy the per-epoch log line shows
+
+
 def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress: bool = True,
-          log_splits: Sequence[str] = ("val", "test")) -> list[dict]:
+          log_splits: Sequence[str] = LOG_SPLITS) -> list[dict]:
     from megl.data import collate, mean_mask_prior
     from megl.models import standins
     from megl.models.tokenizer import train_tokenizer
@@ -403,7 +406,7 @@ def train(config: Config, run_dir: Path, d: Dist, resume: bool = False, progress
     return state["metrics"]
 
 
-def format_entry(entry: dict, splits: Sequence[str] = ("val", "test")) -> str:
+def format_entry(entry: dict, splits: Sequence[str] = LOG_SPLITS) -> str:
     parts = [f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}"]
     if "grad_share" in entry:
         parts.append("grad share " + " ".join(f"{k} {v:.2f}" for k, v in entry["grad_share"].items()))
