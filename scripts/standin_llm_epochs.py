@@ -20,12 +20,12 @@ import torch
 
 from megl import runs
 from megl.config import Config
-from megl.data.synthetic import SHAPES, WHERE
+from megl.data.synthetic import COLOURS, SHAPES, WHERE
 from megl.experiments import QUICK
 from megl.metrics import caption_metrics
 from megl.models import pretrain as P
 from megl.models import standins
-from megl.models.conversation import PromptBuilder
+from megl.models.conversation import RATIONALE_QUESTIONS, PromptBuilder
 from megl.models.llm import tiny_llama
 from megl.models.sdtg import greedy_generate
 from megl.models.tokenizer import train_tokenizer
@@ -68,33 +68,34 @@ def report(args, seed):
     tok = train_tokenizer([t for r in train.records for t in r.references], train.class_names, cfg.tokenizer_vocab_size)
     vis = standins.image_slot_tokens(cfg, splits)
     names = [train.class_names[r.label] for r in val.records]
-    truth = {k: [r.meta[k] for r in val.records] for k in ("where", "shape")}
+    truth = {k: [r.meta[k] for r in val.records] for k in ("where", "shape", "colour")}
     majority = round(max(truth["where"].count(w) for w in POSITIONS) / len(val.records), 3)
     if args.probe:
         probes = {f"probe_{k}": probe(vis["train"], labels(train, k, o), vis["val"], labels(val, k, o), len(o))
                   for k, o in (("where", POSITIONS), ("shape", list(SHAPES)))}
         print(json.dumps(probes | {"where_majority": majority}), flush=True)
     images = train.has_masks.tolist() if args.masked_only else None
+    question = RATIONALE_QUESTIONS[args.prompt]
     for epochs in (int(e) for e in args.epochs.split(",")):
         torch.manual_seed(cfg.seed)
         llm, proj = tiny_llama(cfg, tok), torch.nn.Linear(cfg.tiny_clip_width, cfg.tiny_llm_hidden)
         rep = P.pretrain_llm(llm, tok, train, train.class_names, visual=vis["train"], projector=proj, epochs=epochs,
-                             lr=args.lr, seed=cfg.seed, images=images)
-        ppl = P.perplexity(llm, tok, val, train.class_names, vis["val"], proj)
+                             lr=args.lr, seed=cfg.seed, images=images, question=question)
+        ppl = P.perplexity(llm, tok, val, train.class_names, vis["val"], proj, question=question)
         other = torch.randperm(len(vis["val"]), generator=torch.Generator().manual_seed(1))
-        ppl_shuffled = P.perplexity(llm, tok, val, train.class_names, vis["val"][other], proj)
-        prompts, embed = PromptBuilder(tok), llm.get_input_embeddings()
+        ppl_shuffled = P.perplexity(llm, tok, val, train.class_names, vis["val"][other], proj, question=question)
+        prompts, embed = PromptBuilder(tok, question), llm.get_input_embeddings()
         with torch.no_grad():
             inputs, mask, pos = prompts.prompt_batch(embed, proj(vis["val"]), names)
             ids = greedy_generate(llm, embed, inputs, mask, pos, 40, prompts.eos)
         said = [tok.decode(i, skip_special_tokens=True).strip() for i in ids]
         m = caption_metrics(said, [r.references for r in val.records], spice="off")
         acc = {k: round(sum(named(t, o) == v for t, v in zip(said, truth[k])) / len(said), 3)
-               for k, o in (("where", POSITIONS), ("shape", SHAPES))}
+               for k, o in (("where", POSITIONS), ("shape", SHAPES), ("colour", COLOURS))}
         print(json.dumps({"seed": seed, "epochs": rep["epochs"], "images": rep["images"], "seconds": rep["seconds"],
                           "val_perplexity": round(ppl, 3),
                           "val_perplexity_shuffled": round(ppl_shuffled, 3), "where_acc": acc["where"],
-                          "where_majority": majority, "shape_acc": acc["shape"],
+                          "where_majority": majority, "shape_acc": acc["shape"], "colour_acc": acc["colour"],
                           "distinct": len(set(said)), "bleu4": round(m["bleu4"], 3), "cider": round(m["cider"], 3),
                           "example": said[0]}), flush=True)
 
@@ -106,6 +107,8 @@ if __name__ == "__main__":
     ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
     ap.add_argument("--masked-only", action="store_true", help="pretrain on the annotated training images only")
     ap.add_argument("--quick", action="store_true", help="the data of megl.experiments --quick")
+    ap.add_argument("--prompt", default="label", choices=sorted(RATIONALE_QUESTIONS),
+                    help="SDTG's question (config.rationale_prompt): with `image` it does not name the class")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds (data stay those of data_seed)")
     args = ap.parse_args()
     torch.set_num_threads(1)

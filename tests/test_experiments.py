@@ -2,6 +2,7 @@
 settings (every row of Table 2 / 3 / 4, runs reused across invocations)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -109,6 +110,12 @@ def test_run_names_identify_the_configuration(monkeypatch):
                                                        "resnet18", "rrr", 0))  # the same as setting it
     # the LLM methods ignore the backbone
     assert ex.run_name(ex.run_config(base, "resnet18", "llava", 0)).startswith("llm_llava_seed0_")
+    # an option added later names, at its default, the run it named before it existed; another value does not
+    for key, default in ex.NEW_OPTION_DEFAULTS.items():
+        old = {k: v for k, v in a.to_dict().items() if k != key}
+        digest = hashlib.sha1(json.dumps(ex._integral(old), sort_keys=True).encode()).hexdigest()[:10]
+        assert ex.run_name(a).endswith(digest) and getattr(a, key) == default
+    assert ex.run_name(ex.run_config({**base, "rationale_prompt": "image"}, "resnet18", "megl", 0)) != ex.run_name(a)
 
 
 TINY = ["--seeds", "0", "--epochs", "1", "--threads", "1", "--set", "clip_model=tiny-random", "--set", "llm=tiny-random",

@@ -115,3 +115,22 @@ def test_sweep_rule_best_validation_mean_ties_to_the_first_value():
 
     assert choose({"0.1": [0.50, 0.60], "1": [0.70, 0.72], "10": [0.71, 0.70]}, tie=0.0) == "1"
     assert choose({"0.1": [0.70, 0.71], "1": [0.71, 0.715]}, tie=0.01) == "0.1"  # within the tie: the first
+
+
+def test_sweep_over_a_table4_row_names_its_runs_as_table4_does(tmp_path, monkeypatch):
+    """--ablation trains (and so reuses) the very runs of `megl.experiments table4`; a wrong pairing is one line."""
+    from megl import experiments as ex
+    from megl import sweep
+
+    seen = []
+    monkeypatch.setattr(ex, "run_one", lambda cfg, out, bb, method, seed, ablation=None, **kw:
+                        seen.append(ex.run_name(ex.run_config(cfg, bb, method, seed, ablation), ablation))
+                        or {"run_dir": str(tmp_path)})
+    monkeypatch.setattr("megl.runs.read_metrics", lambda run_dir: [{"val": {"accuracy": 0.5}}])
+    sweep.main(["--method", "megl", "--ablation", "text", "--grid", "lambda_text=1", "--quick", "--out", str(tmp_path)])
+    base = ex.base_settings(ex.build_parser().parse_args(["table4", "--quick", "--set", "lambda_text=1"]))
+    assert seen == [ex.run_name(ex.run_config(base, "resnet18", "megl", 0, "text"), "text")]
+    assert (tmp_path / "megl_text_lambda_text.json").exists()
+    for bad in (["--method", "rrr", "--ablation", "text"], ["--method", "megl", "--ablation", "textual"]):
+        with pytest.raises(SystemExit, match="--ablation"):
+            sweep.main(bad + ["--grid", "lambda_text=1", "--quick", "--out", str(tmp_path)])

@@ -210,3 +210,26 @@ def test_train_stores_the_standins_and_the_run_reopens_without_the_cache(data, t
     saved = standins.load_from_run(run, cfg)["clip"]
     assert torch.equal(reopened.model.clip.visual.conv1.weight, saved["visual.conv1.weight"])
     assert "val" in standins.report_of(run, "clip") and "val_perplexity" in standins.report_of(run, "llm")
+
+
+def test_the_image_prompt_names_no_class_and_has_its_own_pretraining(data):
+    """rationale_prompt=image: SDTG's question does not name the class (the paper's T = LLM(V)), the stand-in
+    pretrains on that question for its own epochs and cache entry, and the default keeps its old key."""
+    from megl.models import build_model
+    from megl.models.conversation import RATIONALE_QUESTIONS
+
+    cfg, splits, tok = data
+    icfg = Config(**{**SMALL, "rationale_prompt": "image"}).validate()
+    names = splits["train"].class_names
+    for name in names:
+        assert name not in RATIONALE_QUESTIONS["image"].format(label=name)
+        assert name in RATIONALE_QUESTIONS["label"].format(label=name)
+    key, ikey = standins.cache_key("llm", cfg, tok), standins.cache_key("llm", icfg, tok)
+    assert "prompt" not in key["recipe"] and ikey["recipe"]["prompt"] == "image"
+    assert ikey["recipe"]["epochs"] == P.LLM_EPOCHS_IMAGE_PROMPT != key["recipe"]["epochs"]
+    random = {"clip_model": "tiny-random", "llm": "tiny-random"}
+    model = build_model(Config(**{**SMALL, **random, "rationale_prompt": "image"}), names, tok)
+    assert model.prompts.question == RATIONALE_QUESTIONS["image"]
+    assert build_model(Config(**{**SMALL, **random}), names, tok).prompts.question == RATIONALE_QUESTIONS["label"]
+    with pytest.raises(Exception, match="rationale_prompt"):
+        Config(**{**SMALL, "rationale_prompt": "class"}).validate()

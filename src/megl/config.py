@@ -19,6 +19,7 @@ BACKBONES = ("resnet18", "vit_b_16", "mlp", "cnn")  # mlp / cnn: the DecoyMNIST 
 GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convolutional backbone
 MLP_INPUTS = ("unit", "signed")  # the mlp's pixel range: [0, 1] (RRR's) or [-1, 1] (CDEP's); megl.models.small
 LLM_PRETRAIN_IMAGES = ("all", "masked")  # whose rationales pretrain the tiny LLM (megl.models.standins)
+RATIONALE_PROMPTS = ("label", "image")  # does SDTG's question name the class (megl.models.conversation)
 BACKGROUND_MODES = ("swap", "uniform", "transplant")  # forms of MEGL's background term (megl.losses.megl)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
@@ -110,6 +111,9 @@ class Config:
     # "all" training images (the slot shows I ⊙ A where there is a mask, else I) or the "masked" ones alone, whose
     # slot shows I ⊙ A as MEGL's does; the same number of steps either way (docs/standins.md)
     llm_pretrain_images: str = "all"
+    # SDTG's question: "label" names the class ("Why is this image classified as {label}?"), "image" does not (the
+    # paper's T = LLM(V)), so the rationale's class words must be read from the image slot (docs/standins.md)
+    rationale_prompt: str = "label"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -208,6 +212,9 @@ class Config:
         if self.llm_pretrain_images not in LLM_PRETRAIN_IMAGES:
             raise ConfigError(f"llm_pretrain_images = {self.llm_pretrain_images!r}: choose one of "
                               f"{', '.join(LLM_PRETRAIN_IMAGES)} (--set llm_pretrain_images=masked)")
+        if self.rationale_prompt not in RATIONALE_PROMPTS:
+            raise ConfigError(f"rationale_prompt = {self.rationale_prompt!r}: choose one of "
+                              f"{', '.join(RATIONALE_PROMPTS)} (--set rationale_prompt=image)")
         if self.mlp_input not in MLP_INPUTS:
             raise ConfigError(f"mlp_input = {self.mlp_input!r}: choose one of {', '.join(MLP_INPUTS)} "
                               "(--set mlp_input=signed)")

@@ -116,10 +116,18 @@ def _integral(value):
     return value
 
 
+# Options added after runs were named: at these values they are left out of the hash, so that the runs trained
+# before the option existed (which behave as its default) keep their names and are reused.
+NEW_OPTION_DEFAULTS = {"rationale_prompt": "label"}
+
+
 def run_name(config: Config, ablation: Optional[str] = None) -> str:
     """backbone_method[_ablation]_seed<k>_<hash of the config>. The hash covers the method's package defaults
     too, so a run trained before a default changed is not reused for the new default."""
     d = config.to_dict()
+    for k, v in NEW_OPTION_DEFAULTS.items():
+        if d.get(k) == v:
+            del d[k]
     defaults = method_defaults(config.method)
     if defaults:
         d["method_args"] = {**defaults, **(d.get("method_args") or {})}

@@ -2,6 +2,7 @@
 
     python -m megl.sweep --method gradia --grid method_args.gradia_lambda=0.1,1,10 --seeds 0,1 --quick
     python -m megl.sweep --method baseline --grid lr=3e-4,1e-3,3e-3 --quick
+    python -m megl.sweep --method megl --ablation text --grid lambda_text=0.1,1 --quick   # a Table 4 row
 
 Every value trains one megl.train run per seed (the runs of megl.experiments, so they are reused and resumed);
 the score is the final epoch's validation accuracy, averaged over seeds. The rule: the highest mean wins; a
@@ -34,6 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megl.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True)
+    p.add_argument("--ablation", help="a Table 4 row of megl (megl.train.ABLATIONS), e.g. text; its runs are "
+                                      "those of `megl.experiments table4`")
     p.add_argument("--grid", required=True, metavar="KEY=V1,V2,...", help="one config key and its candidate values")
     p.add_argument("--seeds", default="0")
     p.add_argument("--backbone", default="resnet18")
@@ -50,13 +53,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     if not key or not values:
         raise SystemExit("--grid must be KEY=V1,V2,...")
+    if args.ablation is not None:
+        from megl.train import ABLATIONS
+
+        if args.method != "megl" or args.ablation not in ABLATIONS:
+            raise SystemExit(f"--ablation {args.ablation!r}: needs --method megl and one of {', '.join(ABLATIONS)}")
     base = base_settings(args)
     out = Path(args.out)
     scores: dict[str, list[float]] = {}
     for v in values:
         cfg = apply_overrides(base, [f"{key}={v}"])
         for seed in seeds:
-            payload = run_one(cfg, out, args.backbone, args.method, seed, text=False, blind=True)
+            payload = run_one(cfg, out, args.backbone, args.method, seed, args.ablation, text=False, blind=True)
             val = runs.read_metrics(payload["run_dir"])[-1]["val"]["accuracy"]
             scores.setdefault(v, []).append(val)
             print(f"[sweep] {args.method} {key}={v} seed {seed}: val acc {val:.4f}", file=sys.stderr, flush=True)
@@ -69,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md = (f"{args.method}, {key}, seeds {seeds} (final-epoch validation accuracy)\n\n| value | val acc | |\n|---|---|---|\n"
           + "\n".join(rows) + "\n")
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.method}_{key.replace('.', '_')}"
+    name = f"{args.method}{'_' + args.ablation if args.ablation else ''}_{key.replace('.', '_')}"
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(json.dumps({"method": args.method, "key": key, "seeds": seeds,
                                                   "scores": scores, "chosen": chosen}, indent=2))

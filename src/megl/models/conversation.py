@@ -2,7 +2,8 @@
 
 Vicuna v1 / LLaVA-1.5: "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>". The visual tokens take the
 place of <image>. Training labels are IGNORE_INDEX everywhere except the answer tokens and the closing </s>.
-Questions: MEGL's SDTG asks why the image is its class (the question names it; the answer is the rationale);
+Questions: MEGL's SDTG asks why the image is its class (the question names it; the answer is the rationale), or,
+with `rationale_prompt=image`, for the evidence without naming the class;
 the LLaVA baseline asks for the class name, Fine-tune-CoT for the evidence and then the class (no class in
 the prompt).
 """
@@ -17,6 +18,9 @@ from torch import Tensor, nn
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 RATIONALE_QUESTION = "Why is this image classified as {label}? Explain the visual evidence."
+IMAGE_RATIONALE_QUESTION = "What is the class of this image? Explain the visual evidence."
+# config.rationale_prompt -> SDTG's question: with "image" the class is not in the prompt (the paper's T = LLM(V))
+RATIONALE_QUESTIONS = {"label": RATIONALE_QUESTION, "image": IMAGE_RATIONALE_QUESTION}
 CLASS_QUESTION = "What is shown in this image? Answer with the class name."
 COT_QUESTION = "What is shown in this image? Explain the visual evidence, then answer with the class name."
 IGNORE_INDEX = -100  # label of the tokens the loss skips (Hugging Face's cross-entropy default)

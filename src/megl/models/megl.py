@@ -12,7 +12,7 @@ from megl.ops import SaliencyOutput, fused_saliency
 from .checkpoint import checkpoint_state, load_checkpoint_state
 from .classifier import Classifier, ClassifierOutput, build_classifier
 from .clip import CLIPVisionEncoder, clip_tokenizer
-from .conversation import PromptBuilder
+from .conversation import RATIONALE_QUESTIONS, PromptBuilder
 from .llm import attach_llm_parts, build_vision_and_llm, causal_lm_loss
 from .sdtg import SDTG, greedy_generate
 from .tokenizer import tokenizer_for
@@ -26,7 +26,7 @@ class MEGLModel(nn.Module):
         self.classifier = classifier
         llm_dim = llm.get_input_embeddings().weight.shape[1]
         self.sdtg = SDTG(classifier.feature_dim, clip_encoder.width, llm_dim)
-        self.prompts = PromptBuilder(tokenizer)
+        self.prompts = PromptBuilder(tokenizer, RATIONALE_QUESTIONS[getattr(config, "rationale_prompt", "label")])
         # Which paths carry L_text's gradient into the classifier (tests switch one off at a time):
         # through V_I = W_I·Z_I, and through the saliency Â inside CLIP(I ⊙ Â).
         self.text_through_features = True

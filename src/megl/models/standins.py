@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 
 from megl.config import TINY
 
+from .conversation import RATIONALE_QUESTIONS
+
 FORMAT = 1  # bump when the pretraining recipe changes in a way the fields below do not capture
 KINDS = ("clip", "llm")
 
@@ -66,9 +68,11 @@ def cache_key(kind: str, config, tokenizer=None) -> dict:
         arch = {k: getattr(config, k) for k in ("tiny_llm_hidden", "tiny_llm_layers", "tiny_llm_heads")}
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
         arch["vocab_sha256"] = hashlib.sha256(vocab.encode()).hexdigest()
-        recipe = {"epochs": P.LLM_EPOCHS, "batch": P.LLM_BATCH, "lr": P.LLM_LR, "n_visual": P.N_VISUAL}
+        recipe = {"epochs": llm_epochs(config), "batch": P.LLM_BATCH, "lr": P.LLM_LR, "n_visual": P.N_VISUAL}
         if config.llm_pretrain_images != "all":  # the "all" recipe keeps its old key, and so its cached entries
             recipe["images"] = config.llm_pretrain_images
+        if config.rationale_prompt != "label":  # likewise: the default prompt keeps the old key
+            recipe["prompt"] = config.rationale_prompt
         if config.clip_model == TINY:  # it reads the pretrained CLIP's tokens of this layer
             recipe["clip"] = _digest(cache_key("clip", config))
             recipe["clip_feature_layer"] = config.clip_feature_layer
@@ -143,13 +147,15 @@ def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> 
         projector = torch.nn.Linear(config.tiny_clip_width, config.tiny_llm_hidden) if visual else None
         names = train.class_names
 
+        question = RATIONALE_QUESTIONS[config.rationale_prompt]
+
         def ppl():
-            return P.perplexity(model, tokenizer, val, names, visual.get("val"), projector)
+            return P.perplexity(model, tokenizer, val, names, visual.get("val"), projector, question=question)
 
         before = ppl() if has_val else None
         report = P.pretrain_llm(model, tokenizer, train, names, visual=visual.get("train"), projector=projector,
-                                epochs=P.LLM_EPOCHS, batch_size=P.LLM_BATCH, lr=P.LLM_LR, seed=config.seed,
-                                images=_pretrain_images(config, train, log))
+                                epochs=llm_epochs(config), batch_size=P.LLM_BATCH, lr=P.LLM_LR, seed=config.seed,
+                                images=_pretrain_images(config, train, log), question=question)
         if before is not None:
             report["val_perplexity_before"] = before
             report["val_perplexity"] = ppl()
@@ -157,6 +163,12 @@ def _pretrain(kind: str, config, splits, tokenizer, run_dir=None, log=print) -> 
     if projector is not None:
         state.update({PROJECTOR + k: v.detach().clone() for k, v in projector.state_dict().items()})
     return state, report
+
+
+def llm_epochs(config) -> int:
+    from . import pretrain as P
+
+    return P.LLM_EPOCHS if config.rationale_prompt == "label" else P.LLM_EPOCHS_IMAGE_PROMPT
 
 
 def _pretrain_images(config, train, log=print):
