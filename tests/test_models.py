@@ -185,8 +185,23 @@ def test_text_loss_reaches_classifier_through_features_and_through_saliency(resn
         assert conv > 0 and fc > 0
         model.text_through_features, model.text_through_saliency = False, False
         assert _text_grads(model, batch) == (0.0, 0.0)
+        # sdtg_image_tokens=False: V = V_A, so with the saliency path cut nothing reaches the classifier, W_I
+        # takes no gradient, and V no longer depends on the classifier's tokens
+        model.text_through_features, model.text_through_saliency = True, False
+        model.sdtg.image_tokens = False
+        assert _text_grads(model, batch) == (0.0, 0.0)
+        Z_A = torch.randn(2, model.clip_encoder.width, 4, 4)
+        V = model.sdtg(torch.randn(2, 4, model.classifier.feature_dim), (2, 2), Z_A)
+        torch.testing.assert_close(V, model.sdtg(torch.zeros(2, 4, model.classifier.feature_dim), (2, 2), Z_A))
     finally:
-        model.text_through_features = model.text_through_saliency = True
+        model.text_through_features = model.text_through_saliency = model.sdtg.image_tokens = True
+
+
+def test_sdtg_image_tokens_off_freezes_w_i():
+    from megl.models.sdtg import SDTG
+
+    assert not any(p.requires_grad for p in SDTG(8, 4, 6, image_tokens=False).W_I.parameters())
+    assert all(p.requires_grad for p in SDTG(8, 4, 6).W_I.parameters())
 
 
 def test_greedy_generation_with_cache_matches_full_recompute(resnet):

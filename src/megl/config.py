@@ -114,6 +114,9 @@ class Config:
     # SDTG's question: "label" names the class ("Why is this image classified as {label}?"), "image" does not (the
     # paper's T = LLM(V)), so the rationale's class words must be read from the image slot (docs/standins.md)
     rationale_prompt: str = "label"
+    # V = V_I + V_A (the paper), or V_A alone (False): then L_text reaches the classifier only through Â, and cannot
+    # read the class from the classifier's own features when Â is off the object (docs/recipe.md §6b)
+    sdtg_image_tokens: bool = True
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05

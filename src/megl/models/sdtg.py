@@ -18,17 +18,23 @@ from torch import Tensor, nn
 
 
 class SDTG(nn.Module):
-    def __init__(self, feature_dim: int, clip_dim: int, llm_dim: int):
+    """image_tokens=False leaves V_I out (V = V_A): the LLM then sees the image only through I ⊙ Â, so L_text reaches
+    the classifier only through Â (config.sdtg_image_tokens; W_I stays, frozen, so checkpoints keep one layout)."""
+
+    def __init__(self, feature_dim: int, clip_dim: int, llm_dim: int, image_tokens: bool = True):
         super().__init__()
         self.W_I = nn.Linear(feature_dim, llm_dim)
         self.W_A = nn.Linear(clip_dim, llm_dim)
+        self.image_tokens = image_tokens
+        self.W_I.requires_grad_(image_tokens)
 
     def forward(self, Z_I: Tensor, grid: tuple[int, int], Z_A: Tensor) -> Tensor:
         """Z_I (B, h*w, D_f), Z_A (B, D_c, gh, gw) -> V (B, h*w, D_llm)."""
         if Z_I.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"SDTG: {Z_I.shape[1]} classifier tokens for a {grid} grid")
         Z_A = F.adaptive_avg_pool2d(Z_A.to(self.W_A.weight.dtype), grid).flatten(2).transpose(1, 2)
-        return self.W_I(Z_I.to(self.W_I.weight.dtype)) + self.W_A(Z_A)
+        V_A = self.W_A(Z_A)
+        return V_A + self.W_I(Z_I.to(self.W_I.weight.dtype)) if self.image_tokens else V_A
 
 
 def _cache_argument(llm: nn.Module) -> str:
