@@ -6,7 +6,7 @@ grid is adaptive-average-pooled to the classifier's grid before the sum: V has o
 token (i, j) of V_I and of V_A cover the same image region.
 
 V is inserted as visual tokens in the conversation template of models/conversation.py, whose question names the
-class; the answer is the rationale.
+class (or, with config.rationale_prompt = "image", does not); the answer is the rationale.
 """
 from __future__ import annotations
 
