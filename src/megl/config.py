@@ -198,6 +198,11 @@ class Config:
         if self.method not in list_methods():
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())} "
                               "(--method NAME)")
+        if self.target_layer is not None and self.backbone in BACKBONES:  # it would be silently ignored
+            fixed = {"resnet18": "layer4 (resnet_layer4_stride sets its grid)", "vit_b_16": "the last block",
+                     "cnn": "cnn_gradcam_layer=conv1|conv2", "mlp": "none (no spatial layer)"}[self.backbone]
+            raise ConfigError(f"target_layer applies to torchvision / timm backbones, not megl's {self.backbone}, whose "
+                              f"Grad-CAM layer is {fixed}; drop --set target_layer")
         if self.backbone == "mlp" and self.method in GRADCAM_METHODS:
             raise ConfigError(f"method {self.method} needs Grad-CAM, which needs a convolutional backbone: the mlp has "
                               "none; use backbone cnn or resnet18 (plain CE, rrr and cdep run on the mlp)")
