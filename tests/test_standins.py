@@ -257,11 +257,7 @@ def test_the_text_gradient_reaching_the_masked_image_is_larger_with_the_pretrain
 
     def grad(config, weights=None):
         torch.manual_seed(0)
-        model = build_model(config, train.class_names, tok, standins=weights)
-        out = model.classifier(batch["image"])
-        masked = model.gradcam(out, batch["image"], batch["label"]).masked.detach().requires_grad_(True)
-        loss = model.text_loss(out, masked, batch["label"], batch["rationale"])
-        return float(torch.autograd.grad(loss, masked)[0].abs().mean())
+        return _text_loss_and_grad(build_model(config, train.class_names, tok, standins=weights), batch)[1]
 
     pretrained = grad(cfg, standins.for_run(cfg, splits, tok, log=lambda m: None))
     random = grad(Config(**{**cfg.to_dict(), "clip_model": "tiny-random", "llm": "tiny-random"}))

@@ -58,13 +58,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if args.method != "megl" or args.ablation not in ABLATIONS:
             raise SystemExit(f"--ablation {args.ablation!r}: needs --method megl and one of {', '.join(ABLATIONS)}")
+    ablation = None if args.ablation == "full" else args.ablation  # table4's "full" row is plain MEGL's run
     base = base_settings(args)
     out = Path(args.out)
     scores: dict[str, list[float]] = {}
     for v in values:
         cfg = apply_overrides(base, [f"{key}={v}"])
         for seed in seeds:
-            payload = run_one(cfg, out, args.backbone, args.method, seed, args.ablation, text=False, blind=True)
+            payload = run_one(cfg, out, args.backbone, args.method, seed, ablation, text=False, blind=True)
             val = runs.read_metrics(payload["run_dir"])[-1]["val"]["accuracy"]
             scores.setdefault(v, []).append(val)
             print(f"[sweep] {args.method} {key}={v} seed {seed}: val acc {val:.4f}", file=sys.stderr, flush=True)
