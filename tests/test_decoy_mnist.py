@@ -222,6 +222,26 @@ def test_a_decoy_sweep_prints_no_test_accuracy(tmp_path, monkeypatch, capfd):
     assert "test acc" in capfd.readouterr().err
 
 
+def test_the_annotation_can_be_swept_and_is_named_in_the_table(tmp_path, monkeypatch):
+    """--sweep annotation=digit,corners trains one method on either mask copy (same images); a bad value is refused."""
+    from megl import experiments
+
+    monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
+    out = tmp_path / "exp"
+    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline", "--n-train", "20", "--n-val", "8",
+            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(out), "--threads", "1",
+            "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    assert experiments.main(argv + ["--sweep", "annotation=digit,corners"]) == 0
+    res = json.loads((out / "sweep-cnn-hard-f1.json").read_text())["results"]
+    roots = {k: json.loads((Path(v[0]["run_dir"]) / "config.json").read_text())["data_root"] for k, v in res.items()}
+    assert "digit-" in roots["baseline annotation=digit"] and "corners-" in roots["baseline annotation=corners"]
+    assert experiments.main(argv + ["--annotation", "corners"]) == 0
+    note = "Annotation `corners` (1 everywhere but the four corners): plain (CE)."
+    assert note in (out / "table-cnn-hard-f1.md").read_text()
+    with pytest.raises(SystemExit, match="--sweep annotation takes corners and digit"):
+        experiments.main(argv + ["--sweep", "annotation=strokes"])
+
+
 def test_decoy_experiment_without_mnist_says_how_to_point_at_it(tmp_path, monkeypatch):
     from megl import experiments
 

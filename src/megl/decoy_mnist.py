@@ -37,7 +37,8 @@ from megl.config import GRADCAM_METHODS, RANDOM_STANDINS, Config, apply_override
 from megl.tables import markdown_table
 
 METHODS = ("baseline", "rrr", "cdep", "gradia", "haics", "res-g", "res-l", "megl")
-PENALISE_IRRELEVANT = ("rrr", "cdep")  # trained on the corners annotation; the rest on the digit annotation
+PENALISE_IRRELEVANT = ("rrr", "cdep")  # their loss uses 1 − mask, so they need the corners annotation
+ANNOTATIONS = ("corners", "digit")  # the converter's --mask
 NAMES = {"baseline": "plain (CE)", "rrr": "RRR", "cdep": "CDEP", "gradia": "GRADIA", "haics": "HAICS",
          "res-g": "RES-G", "res-l": "RES-L", "megl": "MEGL"}
 ABLATIONS = ("paper", "visual+text", "text", "visual")  # megl/<ablation> rows (megl.train.ABLATIONS)
@@ -92,6 +93,16 @@ HPARAMS: dict[tuple[str, str], dict] = {
        for m, k in (("gradia", "gradia_lambda"), ("haics", "haics_lambda"), ("res-g", "res_lambda"),
                     ("res-l", "res_lambda"))},
 }
+# The annotation a method trains on, where it is not its family's: RRR and CDEP penalise 1 − mask and get `corners`;
+# the methods that reward the mask get `digit` (the strokes) unless listed here, chosen on val with
+# --sweep annotation=digit,corners. `corners` also reads as a "look here" mask: everything but the corners.
+ANNOTATION: dict[tuple[str, str], str] = {}
+
+
+def annotation(backbone: str, method: str) -> str:
+    return ANNOTATION.get((backbone, method), "corners" if method in PENALISE_IRRELEVANT else "digit")
+
+
 # Published DecoyMNIST test accuracies (%), with where they are stated.
 PUBLISHED = {
     ("mlp", "baseline"): (63.7, "R4 (Ghitu, Piratla & Wicker, TMLR 2025), MLP"),
@@ -278,6 +289,16 @@ def table_markdown(results: dict, backbone: str, base_seconds: Optional[float], 
     return f"**{title}**\n\n" + markdown_table(columns, body) + "\n"
 
 
+def annotation_note(backbone: str, methods: Sequence[str], forced: Optional[str] = None) -> str:
+    """The table note that says which annotation fed which method."""
+    by = {}
+    for m in methods:
+        by.setdefault(forced or annotation(backbone, m.split("/")[0]), []).append(NAMES.get(m, m))
+    how = {"corners": "1 everywhere but the four corners", "digit": "the dilated strokes"}
+    return "Annotation " + "; ".join(f"`{a}` ({how[a]}): {', '.join(ms)}" for a, ms in by.items()) + (
+        ". RRR and CDEP penalise 1 − mask (the corners); the others reward the mask.")
+
+
 # ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megl.experiments decoy-mnist", description=__doc__,
@@ -289,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list from {', '.join(METHODS)}, or megl/<{'|'.join(ABLATIONS)}> (default: all that "
                    "the backbone allows)")
     p.add_argument("--mask-fraction", type=float, default=1.0, help="share of training images with a mask")
+    p.add_argument("--annotation", choices=ANNOTATIONS, help="train every method on this annotation (default: "
+                   "corners for RRR and CDEP, which penalise 1 − mask; digit for the others unless ANNOTATION says)")
     p.add_argument("--mnist", help="MNIST IDX folder (default: $MEGL_MNIST, else data/MNIST/raw, data/mnist or "
                    "~/.cache/megl/mnist)")
     for k in ("n_train", "n_val", "n_test"):
@@ -337,6 +360,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not sep or not vals:
             raise SystemExit(f"megl.experiments: --sweep expects KEY=V1,V2,..., got {args.sweep!r}")
         sweep_values = [parse_value(v) for v in vals.split(",")]
+        if sweep_key == "annotation" and not set(sweep_values) <= set(ANNOTATIONS):
+            raise SystemExit(f"megl.experiments: --sweep annotation takes {' and '.join(ANNOTATIONS)}, got {vals!r}")
     out = Path(args.out)
     c = construction(args)
     mnist = mnist_dir(args.mnist)
@@ -345,7 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
     except (MNISTError, ValueError) as e:
         raise SystemExit(f"megl.experiments: {e}")
-    roots = {mask: ensure_data(out, mnist, c, mask, args.mask_fraction) for mask in ("corners", "digit")}
+    roots = {mask: ensure_data(out, mnist, c, mask, args.mask_fraction) for mask in ANNOTATIONS}
     common = dict(Config().to_dict(), **TRAIN, epochs=args.epochs or EPOCHS[bb])
     if args.max_steps_per_epoch:
         common["max_steps_per_epoch"] = args.max_steps_per_epoch
@@ -358,10 +383,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name = method.split("/")[0]
         for value in sweep_values:
             d = json.loads(json.dumps(common))
-            d["data_root"] = str(roots["corners" if name in PENALISE_IRRELEVANT else "digit"])
+            mask = value if sweep_key == "annotation" else args.annotation or annotation(bb, name)
+            d["data_root"] = str(roots[mask])
             d.update(json.loads(json.dumps(HPARAMS.get((bb, name), {}))))
+            swept = [f"{sweep_key}={json.dumps(value)}"] if sweep_key and sweep_key != "annotation" else []
             try:
-                d = apply_overrides(d, args.set + ([f"{sweep_key}={json.dumps(value)}"] if sweep_key else []))
+                d = apply_overrides(d, args.set + swept)
                 Config.from_dict(d).validate()
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(f"megl.experiments: {e}")
@@ -382,8 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              + ("epochs as swept" if sweep_key == "epochs" else f"{common['epochs']} epochs") + f", seeds {seeds}")
     md = table_markdown(results, bb, base_sec, title, VAL_ONLY if sweep_key else COLUMNS)
     notes = [f"- {', '.join(skipped)} on the mlp: n/a, Grad-CAM needs a convolutional backbone." if skipped else "",
-             "- RRR and CDEP train on the `corners` annotation (they penalise 1 − mask, the corners); the other "
-             "methods on the `digit` annotation (they reward the mask). mIoU: " +
+             "- " + annotation_note(bb, methods, args.annotation) + " mIoU: " +
              ("input-gradient saliency (the mlp has no Grad-CAM)" if bb == "mlp" else "Grad-CAM") +
              " of the predicted class on the test digits, threshold 0.5, against the dilated strokes.",
              "- Hyper-parameters (chosen on val, docs/decoy_mnist.md): "
