@@ -178,14 +178,19 @@ def test_bad_sizes_and_an_existing_output_are_refused(tmp_path):
         run(tmp_path, "--overwrite", "--mask-fraction", "1.5")
 
 
+def tiny_experiment(out: Path, methods: str) -> list[str]:
+    """decoy-mnist arguments for a run of a few steps on the tiny IDX files (cnn, one epoch of two steps)."""
+    return ["decoy-mnist", "--backbone", "cnn", "--methods", methods, "--n-train", "20", "--n-val", "8", "--n-test",
+            "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(out), "--threads", "1", "--set",
+            "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+
+
 def test_decoy_experiment_smoke_writes_its_table(tmp_path, monkeypatch):
     from megl import experiments
 
     monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
     out = tmp_path / "exp"
-    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline,rrr", "--n-train", "20", "--n-val", "8",
-            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(out), "--threads", "1",
-            "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    argv = tiny_experiment(out, "baseline,rrr")
     assert experiments.main(argv) == 0
     md = (out / "table-cnn-hard-f1.md").read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
@@ -212,9 +217,7 @@ def test_a_decoy_sweep_prints_no_test_accuracy(tmp_path, monkeypatch, capfd):
     from megl import experiments
 
     monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
-    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline", "--n-train", "20", "--n-val", "8",
-            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(tmp_path / "exp"),
-            "--threads", "1", "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    argv = tiny_experiment(tmp_path / "exp", "baseline")
     assert experiments.main(argv + ["--sweep", "lr=0.001"]) == 0
     err = capfd.readouterr().err
     assert "val acc" in err and "test acc" not in err
@@ -228,9 +231,7 @@ def test_the_annotation_can_be_swept_and_is_named_in_the_table(tmp_path, monkeyp
 
     monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
     out = tmp_path / "exp"
-    argv = ["decoy-mnist", "--backbone", "cnn", "--methods", "baseline", "--n-train", "20", "--n-val", "8",
-            "--n-test", "10", "--epochs", "1", "--max-steps-per-epoch", "2", "--out", str(out), "--threads", "1",
-            "--set", "tokenizer_vocab_size=300", "--set", "batch_size=8"]
+    argv = tiny_experiment(out, "baseline")
     assert experiments.main(argv + ["--sweep", "annotation=digit,corners"]) == 0
     res = json.loads((out / "sweep-cnn-hard-f1.json").read_text())["results"]
     roots = {k: json.loads((Path(v[0]["run_dir"]) / "config.json").read_text())["data_root"] for k, v in res.items()}
