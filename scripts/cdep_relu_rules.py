@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from megl.data.mnist import DecoyOptions, corners_mask, decoy_splits
-from megl.decoy_mnist import _tensor, load_model, mnist_dir
+from megl.data.mnist import corners_mask
+from megl.decoy_mnist import _tensor, load_model, mnist_dir, run_construction, splits_of
 from megl.losses.cdep import _resnet_and_input, contextual_decomposition
 
 
@@ -31,11 +31,8 @@ def main() -> int:
     args = p.parse_args()
     rows = []
     for run in map(Path, args.runs):
-        data = json.loads((Path(json.loads((run / "config.json").read_text())["data_root"]) / "decoy.json")
-                          .read_text())
-        val = decoy_splits(mnist_dir(args.mnist), data["n_train"], data["n_val"], data["n_test"], data["seed"],
-                           DecoyOptions(swatch=data["swatch"], digit_contrast=data["digit_contrast"],
-                                        noise=data["noise"]))["val"][1]
+        data = run_construction(run)
+        val = splits_of(mnist_dir(args.mnist), data)["val"][1]
         model = load_model(run)
         clf = model.classifier
         x, clean = _tensor(val.images[:args.n]), _tensor(val.clean[:args.n])

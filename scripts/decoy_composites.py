@@ -13,7 +13,6 @@ Each case is also shown without any swatch, the baseline the swatch's effect is 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,9 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def measure(run_dir: Path, mnist: Path) -> dict:
     from megl import decoy_mnist as dm
-    from megl import runs
-    from megl.data.mnist import DecoyOptions, decoy_splits
     from megl.losses.megl import swap_composite
 
-    c = json.loads((Path(runs.load_config(run_dir).data_root) / "decoy.json").read_text())
-    parts = decoy_splits(mnist, c["n_train"], c["n_val"], c["n_test"], c["seed"],
-                         DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
+    parts = dm.splits_of(mnist, dm.run_construction(run_dir))
     d = parts["val"][1]
     model = dm.load_model(run_dir)
     n = len(d.labels) - len(d.labels) % 2

@@ -10,7 +10,6 @@ the prediction is wrong. The runs must share one construction (decoy.json); vali
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,20 +21,14 @@ PAD, SCALE, LABEL_W = 2, 4, 150
 
 def _rows(runs: list[tuple[str, Path]], mnist: Path, n: int) -> tuple[list[str], list[list[np.ndarray]], list]:
     from megl import decoy_mnist as dm
-    from megl import runs as megl_runs
-    from megl.data.mnist import DecoyOptions, decoy_splits
     from megl.overlays import saliency_overlay, to_hwc
 
-    constructions = {name: json.loads((Path(megl_runs.load_config(d).data_root) / "decoy.json").read_text())
-                     for name, d in runs}
+    constructions = {name: dm.run_construction(d) for name, d in runs}
     keys = ("n_train", "n_val", "n_test", "seed", "swatch", "digit_contrast", "noise")
     first = constructions[runs[0][0]]
     if any({k: c[k] for k in keys} != {k: first[k] for k in keys} for c in constructions.values()):
         raise SystemExit("decoy_saliency_grid: the runs were trained on different DecoyMNIST constructions")
-    c = first
-    parts = decoy_splits(mnist, c["n_train"], c["n_val"], c["n_test"], c["seed"],
-                         DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
-    d = parts["val"][1]
+    d = dm.splits_of(mnist, first)["val"][1]
     pick: list[int] = []
     for i, y in enumerate(d.labels):  # one digit per class first, then in order
         if len(pick) < n and int(y) not in {int(d.labels[j]) for j in pick}:

@@ -142,6 +142,21 @@ def mnist_dir(arg: Optional[str]) -> Path:
                      "t10k-labels-idx1-ubyte.gz (torchvision's MNIST/raw/ works too)")
 
 
+def splits_of(mnist: Path, c: dict) -> dict:
+    """The DecoyMNIST splits of construction `c` (`construction(args)`, or a converted dataset's decoy.json)."""
+    from megl.data.mnist import DecoyOptions, decoy_splits
+
+    return decoy_splits(mnist, c["n_train"], c["n_val"], c["n_test"], c["seed"],
+                        DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
+
+
+def run_construction(run_dir) -> dict:
+    """The construction a run trained on: its dataset's decoy.json."""
+    from megl import runs
+
+    return json.loads((Path(runs.load_config(run_dir).data_root) / "decoy.json").read_text())
+
+
 def construction(args) -> dict:
     c = dict(VARIANTS[args.variant], **SIZES[args.backbone], seed=args.data_seed)
     for k in ("n_train", "n_val", "n_test", "swatch", "digit_contrast", "noise"):
@@ -345,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megl.data.mnist import MNISTError, decoy_splits, DecoyOptions
+    from megl.data.mnist import MNISTError
 
     bb = args.backbone
     args.variant = args.variant or ("paper" if bb == "mlp" else "hard")
@@ -374,8 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c = construction(args)
     mnist = mnist_dir(args.mnist)
     try:
-        parts = decoy_splits(mnist, c["n_train"], c["n_val"], c["n_test"], c["seed"],
-                             DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
+        parts = splits_of(mnist, c)
     except (MNISTError, ValueError) as e:
         raise SystemExit(f"megl.experiments: {e}")
     roots = {mask: ensure_data(out, mnist, c, mask, args.mask_fraction) for mask in ANNOTATIONS}
