@@ -243,6 +243,18 @@ def test_the_annotation_can_be_swept_and_is_named_in_the_table(tmp_path, monkeyp
         experiments.main(argv + ["--sweep", "annotation=strokes"])
 
 
+def test_megl_with_the_pretrained_standins_is_scored_from_its_run(tmp_path, monkeypatch):
+    """The table rebuilds MEGL from its run directory, stand-in weights included (it used to ask for them and fail)."""
+    from megl import experiments
+
+    monkeypatch.setenv(mn.ENV, str(write_mnist(tmp_path / "mnist")))
+    monkeypatch.setenv("MEGL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "exp"
+    assert experiments.main(tiny_experiment(out, "megl") + ["--set", "clip_model=tiny", "--set", "llm=tiny"]) == 0
+    run_dir = Path(json.loads((out / "table-cnn-hard-f1.json").read_text())["results"]["megl"][0]["run_dir"])
+    assert sorted(p.name for p in (run_dir / "standins").iterdir()) == ["clip.safetensors", "llm.safetensors"]
+
+
 def test_decoy_experiment_without_mnist_says_how_to_point_at_it(tmp_path, monkeypatch):
     from megl import experiments
 

@@ -187,9 +187,12 @@ def load_model(run_dir: Path):
     from megl.data.mnist import DIGITS
     from megl.models import build_model
 
+    from megl.models import standins
+
     config = runs.load_config(run_dir)
-    model = build_model(config, list(DIGITS), runs.load_run_tokenizer(run_dir, config))
-    model.load_checkpoint_state_dict(runs.load_checkpoint(run_dir)[0])
+    model = build_model(config, list(DIGITS), runs.load_run_tokenizer(run_dir, config),
+                        standins=standins.load_from_run(run_dir, config))  # {} with the random stand-ins
+    runs.restore_model(model, runs.load_checkpoint(run_dir)[0], run_dir)
     return model.eval()
 
 
