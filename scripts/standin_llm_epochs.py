@@ -10,6 +10,9 @@ training split reads from the slot's CLIP tokens on val: what an LLM could read 
 pretrains on the annotated training images alone, whose slot shows I ⊙ A as at validation and in MEGL (the
 others' slot shows the whole image), for as many steps as the whole split takes (`llm_pretrain_images=masked`).
 `--quick` uses the data of `megl.experiments --quick` (Table 2 / 4), `--seeds` repeats each row per seed.
+`--choice` adds a forced choice free of what greedy decoding prefers: one reference per image, written out with
+each of the nine position phrases, the lowest NLL given the slot wins (`where_choice` on val with the image's own
+slot, `_shuffled` with another image's, `_train` on the first 100 training images: memorised or read?).
 
     OMP_NUM_THREADS=1 python scripts/standin_llm_epochs.py --epochs 3,10,20 [--probe] [--masked-only] [--quick]
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 
 import torch
+import torch.nn.functional as F
 
 from megl import runs
 from megl.config import Config
@@ -60,6 +64,25 @@ def probe(tokens, split_labels, val_tokens, val_labels, classes, steps=300):
         return round(float((lin(xv).argmax(1) == val_labels).float().mean()), 3)
 
 
+@torch.no_grad()
+def position_choice(llm, tok, proj, split, vis, question, perm=None, limit=None):
+    """Share of images whose true position phrase, among the nine, gives their reference the lowest NLL."""
+    prompts, embed = PromptBuilder(tok, question), llm.get_input_embeddings()
+    right = 0
+    records = split.records[:limit]
+    for i, r in enumerate(records):
+        ref = next(t for t in r.references if r.meta["where"] in t)
+        cands = [ref.replace(r.meta["where"], w) for w in POSITIONS]
+        j = i if perm is None else int(perm[i])
+        inputs, mask, lab = prompts.training_batch(embed, proj(vis[j:j + 1]).expand(len(cands), -1, -1),
+                                                   [split.class_names[r.label]] * len(cands), cands)
+        logits = llm(inputs_embeds=inputs, attention_mask=mask).logits[:, :-1].float()
+        target = lab[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none") * (target >= 0)
+        right += POSITIONS[int(nll.sum(1).argmin())] == r.meta["where"]
+    return round(right / len(records), 3)
+
+
 def report(args, seed):
     data = {"synthetic": QUICK["synthetic"]} if args.quick else {}
     cfg = Config.from_dict({**Config().to_dict(), **data, "seed": seed}).validate()
@@ -92,12 +115,17 @@ def report(args, seed):
         m = caption_metrics(said, [r.references for r in val.records], spice="off")
         acc = {k: round(sum(named(t, o) == v for t, v in zip(said, truth[k])) / len(said), 3)
                for k, o in (("where", POSITIONS), ("shape", SHAPES), ("colour", COLOURS))}
+        choice = {}
+        if args.choice:
+            choice = {"where_choice": position_choice(llm, tok, proj, val, vis["val"], question),
+                      "where_choice_shuffled": position_choice(llm, tok, proj, val, vis["val"], question, other),
+                      "where_choice_train": position_choice(llm, tok, proj, train, vis["train"], question, limit=100)}
         print(json.dumps({"seed": seed, "epochs": rep["epochs"], "images": rep["images"], "seconds": rep["seconds"],
                           "val_perplexity": round(ppl, 3),
                           "val_perplexity_shuffled": round(ppl_shuffled, 3), "where_acc": acc["where"],
                           "where_majority": majority, "shape_acc": acc["shape"], "colour_acc": acc["colour"],
                           "distinct": len(set(said)), "bleu4": round(m["bleu4"], 3), "cider": round(m["cider"], 3),
-                          "example": said[0]}), flush=True)
+                          "example": said[0]} | choice), flush=True)
 
 
 if __name__ == "__main__":
@@ -105,6 +133,7 @@ if __name__ == "__main__":
     ap.add_argument("--epochs", default="3,10,20")
     ap.add_argument("--lr", type=float, default=P.LLM_LR)
     ap.add_argument("--probe", action="store_true", help="linear probes of position and shape on the slot tokens")
+    ap.add_argument("--choice", action="store_true", help="forced choice of the position phrase (val, train)")
     ap.add_argument("--masked-only", action="store_true", help="pretrain on the annotated training images only")
     ap.add_argument("--quick", action="store_true", help="the data of megl.experiments --quick")
     ap.add_argument("--prompt", default="label", choices=sorted(RATIONALE_QUESTIONS),

@@ -4,7 +4,8 @@ for several masks M, on the validation split of its synthetic data.
     python scripts/text_loss_by_mask.py RUN_DIR [RUN_DIR ...]
 
 Masks: the human mask A (the object), the run's own Grad-CAM Â, the object and the decoy patch together (A ∪ box),
-the decoy patch alone, everything but the object (1 − A), and the whole image. If L_text(A ∪ box) ≈ L_text(A), the
+the decoy patch alone, everything but the object (1 − A), and the whole image. On a DecoyMNIST run (its `corners`
+annotation: A is everything but the four corners) the decoy patch is the four corners, i.e. 1 − A. If L_text(A ∪ box) ≈ L_text(A), the
 term cannot push a decoy out of a map that already shows the object; if L_text(Â) ≈ L_text(A), the run's maps
 already satisfy it. `grad` is the mean ∂L_text/∂M per pixel over the object and over the decoy patch at M = ½
 everywhere (negative: showing more of it lowers the loss). Reads the validation split only.
@@ -28,11 +29,14 @@ def measure(run_dir: str) -> dict:
     batch = collate(items)
     image, label, A = batch["image"], batch["label"], batch["mask"].float()
     refs = [it["references"][0] for it in items]
-    syn = SyntheticConfig(**run.config.synthetic)
-    scale = image.shape[-1] / syn.image_size
-    x0, y0, x1, y1 = (round(v * scale) for v in decoy_box(syn))
-    box = torch.zeros_like(A)
-    box[:, y0:y1, x0:x1] = 1
+    if run.config.data_root:  # DecoyMNIST on its `corners` annotation: the decoy is a swatch in one of the corners
+        box = 1 - A
+    else:
+        syn = SyntheticConfig(**run.config.synthetic)
+        scale = image.shape[-1] / syn.image_size
+        x0, y0, x1, y1 = (round(v * scale) for v in decoy_box(syn))
+        box = torch.zeros_like(A)
+        box[:, y0:y1, x0:x1] = 1
     with torch.no_grad():
         out = model.classifier(image)
     sal = model.explain(image, label)[1].saliency
