@@ -204,6 +204,27 @@ def test_sdtg_image_tokens_off_freezes_w_i():
     assert all(p.requires_grad for p in SDTG(8, 4, 6).W_I.parameters())
 
 
+def test_sdtg_coarser_grid_pools_the_finer_classifier_grid_to_clips():
+    """sdtg_grid=coarser: a 6×6 classifier grid against CLIP's 2×2 gives 4 tokens, each the mean of its 3×3 block of
+    classifier tokens plus CLIP's token of that cell; the default keeps one token per classifier cell."""
+    import torch.nn.functional as F
+
+    from megl.models.sdtg import SDTG
+
+    torch.manual_seed(0)
+    Z_I, Z_A = torch.randn(2, 36, 8, requires_grad=True), torch.randn(2, 4, 2, 2)
+    sdtg = SDTG(8, 4, 6, grid="coarser")
+    V = sdtg(Z_I, (6, 6), Z_A)
+    blocks = F.avg_pool2d(Z_I.transpose(1, 2).reshape(2, 8, 6, 6), 3).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(V, sdtg.W_I(blocks) + sdtg.W_A(Z_A.flatten(2).transpose(1, 2)))
+    V.sum().backward()
+    assert Z_I.grad.abs().min() > 0  # every classifier token reaches the LLM
+    assert SDTG(8, 4, 6)(Z_I, (6, 6), Z_A).shape == (2, 36, 6)
+    assert sdtg(Z_I[:, :1], (1, 1), Z_A).shape == (2, 1, 6)  # a coarser classifier grid stays as it is
+    with pytest.raises(ValueError, match="grid must be one of classifier, coarser"):
+        SDTG(8, 4, 6, grid="fine")
+
+
 def test_greedy_generation_with_cache_matches_full_recompute(resnet):
     model, batch, _ = resnet
     model.eval()

@@ -20,6 +20,7 @@ GRADCAM_METHODS = ("megl", "gradia", "haics", "res-g", "res-l")  # need a convol
 MLP_INPUTS = ("unit", "signed")  # the mlp's pixel range: [0, 1] (RRR's) or [-1, 1] (CDEP's); megl.models.small
 LLM_PRETRAIN_IMAGES = ("all", "masked")  # whose rationales pretrain the tiny LLM (megl.models.standins)
 RATIONALE_PROMPTS = ("label", "image")  # does SDTG's question name the class (megl.models.conversation)
+SDTG_GRIDS = ("classifier", "coarser")  # the image slot's grid (megl.models.sdtg)
 BACKGROUND_MODES = ("swap", "uniform", "transplant")  # forms of MEGL's background term (megl.losses.megl)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
@@ -117,6 +118,9 @@ class Config:
     # V = V_I + V_A (the paper), or V_A alone (False): then L_text reaches the classifier only through Â, and cannot
     # read the class from the classifier's own features when Â is off the object (docs/recipe.md §6b)
     sdtg_image_tokens: bool = True
+    # the image slot's grid: one token per Grad-CAM cell ("classifier", the paper), or the coarser of the
+    # classifier's and CLIP's grids ("coarser": what the LLM stand-in was pretrained on; docs/decoy_mnist.md)
+    sdtg_grid: str = "classifier"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -223,6 +227,9 @@ class Config:
         if self.rationale_prompt not in RATIONALE_PROMPTS:
             raise ConfigError(f"rationale_prompt = {self.rationale_prompt!r}: choose one of "
                               f"{', '.join(RATIONALE_PROMPTS)} (--set rationale_prompt=image)")
+        if self.sdtg_grid not in SDTG_GRIDS:
+            raise ConfigError(f"sdtg_grid = {self.sdtg_grid!r}: choose one of {', '.join(SDTG_GRIDS)} "
+                              "(--set sdtg_grid=coarser)")
         if self.mlp_input not in MLP_INPUTS:
             raise ConfigError(f"mlp_input = {self.mlp_input!r}: choose one of {', '.join(MLP_INPUTS)} "
                               "(--set mlp_input=signed)")

@@ -25,7 +25,8 @@ class MEGLModel(nn.Module):
         attach_llm_parts(self, config, class_names, clip_encoder, llm, tokenizer, clip_tok)
         self.classifier = classifier
         llm_dim = llm.get_input_embeddings().weight.shape[1]
-        self.sdtg = SDTG(classifier.feature_dim, clip_encoder.width, llm_dim, image_tokens=config.sdtg_image_tokens)
+        self.sdtg = SDTG(classifier.feature_dim, clip_encoder.width, llm_dim, image_tokens=config.sdtg_image_tokens,
+                         grid=config.sdtg_grid)
         self.prompts = PromptBuilder(tokenizer, RATIONALE_QUESTIONS[config.rationale_prompt])
         # Which paths carry L_text's gradient into the classifier (tests switch one off at a time):
         # through V_I = W_I·Z_I, and through the saliency Â inside CLIP(I ⊙ Â).
