@@ -87,8 +87,8 @@ HPARAMS: dict[tuple[str, str], dict] = {
     # 10 95.0, 30 95.1, 100 94.9); background_mode transplant 94.3. With the text term, 30 95.2: a tie with 3 at
     # full annotation, but at mask fraction 0.1 (val, no swatch) 30 falls to 89.4 against 3's 92.8, so 3 stays.
     # The tap again at 8 epochs with the background term (3 seeds): conv2 95.2 ± 0.5, a tie with conv1's 95.1 ± 0.2
-    # SDTG's slot on CLIP's 4×4 grid rather than 576 copies of it at conv1's 24×24 (3 seeds, corners): 95.4 ± 0.5
-    # against 95.3 ± 0.6, a tie, at half the run time (about 180 s a run against 330-370 s)
+    # SDTG's slot on CLIP's 4×4 grid rather than 576 copies of it at conv1's 24×24 (3 seeds, corners, one machine):
+    # coarser 95.4 ± 0.5, classifier 95.5 ± 0.5, a tie; taken for half the run time (163-193 s a run, not 330-370)
     ("cnn", "megl"): {"cnn_gradcam_layer": "conv1", "lambda_visual": 1, "lambda_background": 3.0,
                       "sdtg_grid": "coarser"},
     # GRADIA, HAICS, RES: their papers' λ = 1, with which docs/decoy_mnist.md's rows were measured (not swept
