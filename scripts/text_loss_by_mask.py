@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,9 @@ def measure(run_dir: str) -> dict:
     image, label, A = batch["image"], batch["label"], batch["mask"].float()
     refs = [it["references"][0] for it in items]
     if run.config.data_root:  # DecoyMNIST on its `corners` annotation: the decoy is a swatch in one of the corners
+        if not (Path(run.config.data_root) / "decoy.json").is_file():
+            raise SystemExit(f"text_loss_by_mask: {run_dir} trained on {run.config.data_root}, neither the synthetic "
+                             "data nor a DecoyMNIST conversion, so where its decoy lies is not known")
         box = 1 - A
     else:
         syn = SyntheticConfig(**run.config.synthetic)

@@ -188,15 +188,8 @@ def ensure_data(out: Path, mnist: Path, c: dict, mask: str, fraction: float) -> 
 def load_model(run_dir: Path):
     from megl import runs
     from megl.data.mnist import DIGITS
-    from megl.models import build_model
 
-    from megl.models import standins
-
-    config = runs.load_config(run_dir)
-    model = build_model(config, list(DIGITS), runs.load_run_tokenizer(run_dir, config),
-                        standins=standins.load_from_run(run_dir, config))  # {} with the random stand-ins
-    runs.restore_model(model, runs.load_checkpoint(run_dir)[0], run_dir)
-    return model.eval()
+    return runs.load_model(run_dir, DIGITS)  # the class names without rebuilding the run's data
 
 
 def _tensor(images: np.ndarray) -> torch.Tensor:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -259,21 +259,36 @@ def require_saliency(run_dir, prog: str) -> None:
                        "scores its answers and rationales")
 
 
-def load_run(run_dir, device: str = "cpu") -> Run:
-    """Rebuild a run: model from config.json + checkpoint + tokenizer + stand-ins, data splits and prior."""
+def _checkpoint_of(run_dir: Path):
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunError(f"{run_dir / CHECKPOINT} not found: the run has no checkpoint yet")
+    return ckpt
+
+
+def load_model(run_dir, class_names: Sequence[str], config: Optional[Config] = None, device: str = "cpu",
+               ckpt=None):
+    """A run's trained model in eval mode: built from config.json + tokenizer + stand-ins, weights from the
+    checkpoint (`ckpt`, as load_checkpoint returns it, when the caller has it). `class_names` come from the caller,
+    so that the data need not be read."""
     from megl.methods import get_method
     from megl.models import standins
 
     run_dir = Path(run_dir)
-    config = load_config(run_dir)
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is None:
-        raise RunError(f"{run_dir / CHECKPOINT} not found: the run has no checkpoint yet")
-    splits = make_splits(config)
-    tokenizer = load_run_tokenizer(run_dir, config)
+    config = config or load_config(run_dir)
+    ckpt = ckpt or _checkpoint_of(run_dir)
     build = get_method(config.method).resolve("build_model")
-    model = build(config, splits["train"].class_names, tokenizer, device=device,
+    model = build(config, list(class_names), load_run_tokenizer(run_dir, config), device=device,
                   standins=standins.load_from_run(run_dir, config))
     restore_model(model, ckpt[0], run_dir)
-    model.eval()
+    return model.eval()
+
+
+def load_run(run_dir, device: str = "cpu") -> Run:
+    """Rebuild a run: model (load_model), data splits and prior."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    ckpt = _checkpoint_of(run_dir)  # before reading the data
+    splits = make_splits(config)
+    model = load_model(run_dir, splits["train"].class_names, config, device, ckpt)
     return Run(config, model, splits, load_prior(run_dir).to(device), run_dir)
