@@ -24,6 +24,7 @@ from megl.errors import UserError
     ("target_layer=layer3", r"target_layer applies to torchvision / timm backbones, not megl's resnet18"),
     ("rationale_prompt=class", r"rationale_prompt = 'class': choose one of label, image"),
     ("sdtg_grid=fine", r"sdtg_grid = 'fine': choose one of classifier, coarser"),
+    ("visual_l1=inside", r"visual_l1 = 'inside': choose one of both, outside"),
 ])
 def test_bad_values_are_refused_with_the_fix(pair, match):
     with pytest.raises(ConfigError, match=match):

@@ -292,6 +292,28 @@ def test_loss_terms_follow_the_switches(resnet, switches, present, absent):
         assert terms["l1"] > 0 and terms["kl"] > 0
 
 
+def test_visual_l1_outside_is_the_saliency_off_the_mask_only(resnet):
+    """visual_l1=outside keeps the part of L1(Â, A) on A = 0 and drops the pull towards filling A: with a binary
+    mask the two parts add up to the paper's L1, and samples without a mask contribute 0."""
+    from megl.losses.megl import outside_l1
+
+    model, batch, prior = resnet
+    model.train()
+    mask, has = batch["mask"], batch["has_mask"]
+    assert ((mask == 0) | (mask == 1)).all() and has.any() and not has.all()
+    out = model.classifier(batch["image"])
+    sal = model.gradcam(out, batch["image"], batch["label"], mask, has, prior)
+    outside = outside_l1(sal.saliency, mask, has)
+    inside = torch.where(has, ((1 - sal.saliency) * mask).mean(dim=(1, 2)), torch.zeros(()))
+    torch.testing.assert_close(outside + inside, sal.l1)
+    assert (outside[~has] == 0).all() and (outside[has] > 0).all()
+    terms = model.loss(batch, prior, lambdas={"visual_l1": "outside", "use_consistency": False, "use_text": False})
+    torch.testing.assert_close(terms["l1"], outside.mean().detach())
+    terms["total"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.classifier.parameters())
+    model.zero_grad(set_to_none=True)
+
+
 def test_consistency_without_prior_is_a_clear_error(resnet):
     model, batch, _ = resnet
     with pytest.raises(ValueError, match="prior"):

@@ -21,6 +21,7 @@ MLP_INPUTS = ("unit", "signed")  # the mlp's pixel range: [0, 1] (RRR's) or [-1,
 LLM_PRETRAIN_IMAGES = ("all", "masked")  # whose rationales pretrain the tiny LLM (megl.models.standins)
 RATIONALE_PROMPTS = ("label", "image")  # does SDTG's question name the class (megl.models.conversation)
 SDTG_GRIDS = ("classifier", "coarser")  # the image slot's grid (megl.models.sdtg)
+VISUAL_L1 = ("both", "outside")  # where MEGL's L1 compares Â with the mask (megl.losses.megl)
 BACKGROUND_MODES = ("swap", "uniform", "transplant")  # forms of MEGL's background term (megl.losses.megl)
 TINY = "tiny"  # the embedded CLIP / LLM: small models pretrained on the run's training split (megl.models.standins)
 TINY_RANDOM = "tiny-random"  # the same architectures random-initialised (fast; for tests and smoke runs)
@@ -135,6 +136,9 @@ class Config:
     lambda_visual: float = 1.0
     kl_weight: float = 1.0  # the KL term's weight inside the visual term, relative to L1 (paper: 1)
     use_visual: bool = True  # L1(Â, A) on annotated samples
+    # "both": |Â − A| over the whole map (the paper: A marks where the evidence is); "outside": Â where A = 0 only,
+    # for masks that mark what is irrelevant (DecoyMNIST's corners) and so say nothing about where inside A to look
+    visual_l1: str = "both"
     use_text: bool = True  # SDTG autoregressive loss
     use_consistency: bool = True  # KL(Â ‖ Ā) on unannotated samples
     # the counterfactual the mask defines, on annotated images; our extension, not in the paper (0 = the paper's
@@ -227,6 +231,9 @@ class Config:
         if self.rationale_prompt not in RATIONALE_PROMPTS:
             raise ConfigError(f"rationale_prompt = {self.rationale_prompt!r}: choose one of "
                               f"{', '.join(RATIONALE_PROMPTS)} (--set rationale_prompt=image)")
+        if self.visual_l1 not in VISUAL_L1:
+            raise ConfigError(f"visual_l1 = {self.visual_l1!r}: choose one of {', '.join(VISUAL_L1)} "
+                              "(--set visual_l1=outside)")
         if self.sdtg_grid not in SDTG_GRIDS:
             raise ConfigError(f"sdtg_grid = {self.sdtg_grid!r}: choose one of {', '.join(SDTG_GRIDS)} "
                               "(--set sdtg_grid=coarser)")

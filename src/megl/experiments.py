@@ -118,7 +118,8 @@ def _integral(value):
 
 # Options added after runs were named: at these values they are left out of the hash, so that the runs trained
 # before the option existed (which behave as its default) keep their names and are reused.
-NEW_OPTION_DEFAULTS = {"rationale_prompt": "label", "sdtg_image_tokens": True, "sdtg_grid": "classifier"}
+NEW_OPTION_DEFAULTS = {"rationale_prompt": "label", "sdtg_image_tokens": True, "sdtg_grid": "classifier",
+                       "visual_l1": "both"}
 
 
 def run_name(config: Config, ablation: Optional[str] = None) -> str:

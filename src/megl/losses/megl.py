@@ -59,6 +59,13 @@ def swap_composite(image: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor,
     return host * (1 - paste) + image[donor] * paste, donor
 
 
+def outside_l1(saliency: torch.Tensor, mask: torch.Tensor, has_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of Â over the pixels the mask leaves out (A = 0): the part of L1(Â, A) that says where the
+    evidence must not be, without the part that asks Â to fill all of A (0 on samples without a mask)."""
+    return torch.where(has_mask, (saliency * (1 - mask.to(saliency.dtype))).mean(dim=(1, 2)),
+                       saliency.new_zeros(()))
+
+
 def _logits(classifier, x: torch.Tensor) -> torch.Tensor:
     out = classifier(x)
     return getattr(out, "logits", out)  # megl's classifiers return an output object, plain models a tensor
@@ -126,7 +133,8 @@ def megl_loss(model, batch, prior, config) -> dict:
     sal = model.gradcam(out, image, label, batch["mask"], batch["has_mask"], prior if use_consistency else None)
     visual = torch.zeros((), device=ce.device)
     if use_visual:
-        l1 = sal.l1.mean()
+        l1 = sal.l1.mean() if config.visual_l1 == "both" else outside_l1(sal.saliency, batch["mask"],
+                                                                          batch["has_mask"]).mean()
         visual = visual + l1
         terms["l1"] = l1.detach()
     if use_consistency:
