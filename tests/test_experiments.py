@@ -82,7 +82,7 @@ def test_table4_change_in_points():
     assert rows[0].split("|")[1].strip() == "ResNet18" and rows[1].split("|")[1].strip() == ""
 
 
-def test_run_names_identify_the_configuration(monkeypatch):
+def test_run_names_identify_the_configuration(monkeypatch, tmp_path):
     args = ex.build_parser().parse_args(["table2", "--quick"])
     base = ex.base_settings(args)
     a = ex.run_config(base, "resnet18", "megl", 0)
@@ -114,6 +114,12 @@ def test_run_names_identify_the_configuration(monkeypatch):
     assert all(getattr(a, k) == v for k, v in ex.NEW_OPTION_DEFAULTS.items())
     old = {k: v for k, v in a.to_dict().items() if k not in ex.NEW_OPTION_DEFAULTS}
     assert ex.run_name(a).endswith(hashlib.sha1(json.dumps(ex._integral(old), sort_keys=True).encode()).hexdigest()[:10])
+    # a dataset folder names one run whether --out was relative or absolute; another folder does not
+    monkeypatch.chdir(tmp_path)
+    for folder in ("x", "y"):
+        (tmp_path / "runs" / "data" / folder).mkdir(parents=True)
+    rel, absolute = ({**base, "data_root": root} for root in ("runs/data/x", str(tmp_path / "runs/data/x")))
+    assert name(rel, "megl") == name(absolute, "megl") != name({**base, "data_root": "runs/data/y"}, "megl")
     for key, other in (("rationale_prompt", "image"), ("sdtg_image_tokens", False)):
         assert ex.run_name(ex.run_config({**base, key: other}, "resnet18", "megl", 0)) != ex.run_name(a)
 

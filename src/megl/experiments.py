@@ -126,6 +126,8 @@ def run_name(config: Config, ablation: Optional[str] = None) -> str:
     """backbone_method[_ablation]_seed<k>_<hash of the config>. The hash covers the method's package defaults
     too, so a run trained before a default changed is not reused for the new default."""
     d = config.to_dict()
+    if d.get("data_root"):  # the same folder names the same run, given relative to the working directory or not
+        d["data_root"] = os.path.abspath(d["data_root"])
     for k, v in NEW_OPTION_DEFAULTS.items():
         if d.get(k) == v:
             del d[k]
