@@ -3,12 +3,13 @@
 The val split holds 1,000 digits, so one seed's accuracy has a sampling error of about ±0.7 points, as large as
 the gaps between the best methods. This script draws N further digits from MNIST's *training* part, after the
 run's train and val digits in the same permutation (so disjoint from both, and never from the test part), builds
-them with the run's construction (a fresh noise and swatch draw), and scores each run on them with and without
-the swatch. Nothing here reads the test split.
+them with the run's construction (a fresh noise and swatch draw), and scores each run on them with the label's
+swatch, without a swatch (the selection rule's number, as on val) and, as a diagnostic of what a swatch of the
+wrong shade does, with a random-shade swatch as the test split has. Nothing here reads the test split.
 
     python scripts/decoy_selection_val.py RUN_DIR... [--n 20000] [--mnist DIR]
 
-Prints one line per run (accuracy with the swatch, without it) and, for runs that share a label (the method and
+Prints one line per run and, for runs that share a label (the method and
 config, i.e. the run name without its seed and hash), the mean ± std over seeds.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 
-def selection_digits(mnist: Path, c: dict, n: int):
-    """The Decoyed digits perm[n_train + n_val : n_train + n_val + n] of the construction's permutation."""
+def selection_digits(mnist: Path, c: dict, n: int, random_shade: bool = False):
+    """The Decoyed digits perm[n_train + n_val : n_train + n_val + n] of the construction's permutation; with
+    random_shade, the same digits and noise with the swatch of a random class, as in the test split."""
     from megl.data.mnist import DecoyOptions, decoy, load_mnist
 
     X, Y = load_mnist(mnist, "train")
@@ -35,7 +37,7 @@ def selection_digits(mnist: Path, c: dict, n: int):
     perm = np.random.default_rng([c["seed"], 0]).permutation(len(X))  # as megl.data.mnist.decoy_splits draws it
     idx = np.sort(perm[start:start + n])
     opts = DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"])
-    return decoy(X[idx], Y[idx], False, np.random.default_rng([c["seed"], 99]), opts)
+    return decoy(X[idx], Y[idx], random_shade, np.random.default_rng([c["seed"], 99]), opts)
 
 
 def accuracy(model, images: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
@@ -73,17 +75,21 @@ def main(argv=None) -> None:
         key = json.dumps({k: c[k] for k in ("n_train", "n_val", "seed", "swatch", "digit_contrast", "noise")},
                          sort_keys=True)
         if key not in cache:
-            cache[key] = selection_digits(mnist, c, args.n)
-        d = cache[key]
+            cache[key] = selection_digits(mnist, c, args.n), selection_digits(mnist, c, args.n, random_shade=True)
+        d, shuffled = cache[key]
         model = dm.load_model(run)
         model.eval()
-        with_swatch, clean = accuracy(model, d.images, d.labels), accuracy(model, d.clean, d.labels)
-        groups[label_of(run)].append(clean)
-        print(f"{run.name}: selection acc. {100 * with_swatch:.2f}, no swatch {100 * clean:.2f}", flush=True)
-    print(f"\nno swatch, {args.n} selection digits, mean ± std over seeds:")
-    for label, xs in groups.items():
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        print(f"  {100 * statistics.mean(xs):.2f} ± {100 * sd:.2f} (n={len(xs)})  {label}")
+        acc = [accuracy(model, x, d.labels) for x in (d.images, d.clean, shuffled.images)]
+        groups[label_of(run)].append(acc)
+        print(f"{run.name}: label swatch {100 * acc[0]:.2f}, no swatch {100 * acc[1]:.2f}, random-shade swatch "
+              f"{100 * acc[2]:.2f}", flush=True)
+    print(f"\n{args.n} selection digits, mean ± std over seeds: no swatch (the rule) | label swatch | random shade")
+    for label, rows in groups.items():
+        cols = []
+        for xs in zip(*rows):
+            sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            cols.append(f"{100 * statistics.mean(xs):.2f} ± {100 * sd:.2f}")
+        print(f"  {cols[1]} | {cols[0]} | {cols[2]} (n={len(rows)})  {label}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,25 @@ def test_train_and_val_are_disjoint_subsets_of_mnist_train_and_test_comes_from_m
     assert (parts["test"][1].clean[:, :4, :4] == 0).all()  # the swatch-free copy has no swatch
 
 
+def test_held_out_digits_follow_train_and_val_and_change_no_other_split(tmp_path):
+    """n_held_out adds training digits disjoint from train and val, built like val (the label's shade), and a copy
+    with a random class's shade (same digits, noise and corner); train, val and test stay as they were."""
+    root = write_mnist(tmp_path / "m")
+    opts = mn.DecoyOptions(noise=0.1)
+    plain = mn.decoy_splits(root, 20, 8, 10, seed=3, opts=opts)
+    parts = mn.decoy_splits(root, 20, 8, 10, seed=3, opts=opts, n_held_out=12)
+    for split in ("train", "val", "test"):
+        assert (parts[split][0] == plain[split][0]).all() and (parts[split][1].images == plain[split][1].images).all()
+    held, d = parts["held_out"]
+    assert len(held) == 12 and not set(held) & (set(parts["train"][0]) | set(parts["val"][0])) and max(held) < N_TRAIN
+    assert (d.shade == 255 - 25 * d.labels).all()
+    shuffled = parts["held_out_shuffled"][1]
+    assert (shuffled.clean == d.clean).all() and (shuffled.corner == d.corner).all()
+    assert (shuffled.shade != d.shade).any()
+    with pytest.raises(mn.MNISTError, match="13 held-out digits do not fit"):
+        mn.decoy_splits(root, 20, 8, 10, seed=3, n_held_out=13)
+
+
 def test_corner_masks_mark_everything_but_the_four_corners(tmp_path):
     out, ann = run(tmp_path, "--mask", "corners")
     m = np.load(out / next(iter(ann.values()))["visual_exp"])
@@ -199,6 +218,9 @@ def test_decoy_experiment_smoke_writes_its_table(tmp_path, monkeypatch):
     for method in ("baseline", "rrr"):
         r = res[method][0]
         assert 0 <= r["test"] <= 1 and 0 <= r["test_clean"] <= 1 and 0 <= r["miou"] <= 1 and r["epoch_seconds"] > 0
+        # the conv nets are scored on every test digit and on the training digits left after train and val
+        assert r["scored"] == {"train": 20, "val": 8, "test": N_TEST, "held_out": N_TRAIN - 28,
+                               "held_out_shuffled": N_TRAIN - 28} and 0 <= r["held_out_clean"] <= 1
     # RRR reads the corners annotation, the others the digit annotation (same images)
     cfg = {m: json.loads((Path(res[m][0]["run_dir"]) / "config.json").read_text()) for m in ("baseline", "rrr")}
     assert "corners-" in cfg["rrr"]["data_root"] and "digit-" in cfg["baseline"]["data_root"]

@@ -181,9 +181,12 @@ def rationale(label: int, mask: np.ndarray) -> str:
 
 
 def decoy_splits(mnist_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0,
-                 opts: DecoyOptions = DecoyOptions()) -> dict[str, tuple[np.ndarray, Decoyed]]:
+                 opts: DecoyOptions = DecoyOptions(), n_held_out: int = 0) -> dict[str, tuple[np.ndarray, Decoyed]]:
     """{split: (MNIST indices, Decoyed)}: train and val are disjoint random subsets of MNIST's training part, test
-    of its test part; a function of the arguments alone (the experiment rebuilds the swatch-free test digits)."""
+    of its test part; a function of the arguments alone (the experiment rebuilds the swatch-free test digits).
+    n_held_out > 0 adds "held_out": that many further training digits after train and val in the same draw, built
+    like val, and "held_out_shuffled": the same digits with a random class's shade, as test has it. Train, val and
+    test do not depend on it."""
     X, Y = load_mnist(mnist_dir, "train")
     Xt, Yt = load_mnist(mnist_dir, "test")
     if n_train < 1 or n_val < 0 or n_test < 1 or n_train + n_val > len(X) or n_test > len(Xt):
@@ -196,4 +199,11 @@ def decoy_splits(mnist_dir: str | Path, n_train: int, n_val: int, n_test: int, s
     for k, (split, (images, labels)) in enumerate(zip(idx, ((X, Y), (X, Y), (Xt, Yt)))):
         i = idx[split]
         out[split] = (i, decoy(images[i], labels[i], split == "test", np.random.default_rng([seed, 2 + k]), opts))
+    if n_held_out > 0:
+        if n_train + n_val + n_held_out > len(X):
+            raise MNISTError(f"{n_held_out} held-out digits do not fit: MNIST's training part has "
+                             f"{len(X) - n_train - n_val} left after train and val")
+        i = np.sort(perm[n_train + n_val:n_train + n_val + n_held_out])
+        for name, shuffled in (("held_out", False), ("held_out_shuffled", True)):  # one draw of noise and corner
+            out[name] = (i, decoy(X[i], Y[i], shuffled, np.random.default_rng([seed, 5]), opts))
     return out
