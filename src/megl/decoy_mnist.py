@@ -12,8 +12,9 @@ annotation, which GRADIA, HAICS, RES and MEGL reward; same images, same splits (
 reads where it is not its family's, e.g. MEGL on the cnn reads `corners` as "everything but the corners"). Every
 method trains through megl.train on identical data, seeds and epochs (runs reused as in megl.experiments). Then each
 run is scored on the train, val and test digits with the swatch and on the same val / test digits without it (on
-the conv nets also on all of MNIST's test digits and on 20k held-out training digits: SCORING), and its saliency (Grad-CAM; the input gradient for the mlp, which has no spatial layer) is compared with the digit masks
-(mIoU) and with the four corners (the share of saliency that sits where a swatch may be).
+the conv nets also on all of MNIST's test digits and on 20k held-out training digits: SCORING), and its saliency
+(Grad-CAM; the input gradient for the mlp, which has no spatial layer) is compared with the digit masks (mIoU) and
+with the four corners (the share of saliency that sits where a swatch may be).
 
 Hyper-parameters (λ per method) come from HPARAMS, chosen with --sweep on the validation split: the rule is the
 highest accuracy on the *swatch-free* validation digits — the counterfactual the annotation defines (remove what
@@ -157,18 +158,19 @@ def mnist_dir(arg: Optional[str]) -> Path:
                      "t10k-labels-idx1-ubyte.gz (torchvision's MNIST/raw/ works too)")
 
 
-def splits_of(mnist: Path, c: dict) -> dict:
+def splits_of(mnist: Path, c: dict, n_held_out: int = 0) -> dict:
     """The DecoyMNIST splits of construction `c` (`construction(args)`, or a converted dataset's decoy.json)."""
     from megl.data.mnist import DecoyOptions, decoy_splits
 
     return decoy_splits(mnist, c["n_train"], c["n_val"], c["n_test"], c["seed"],
-                        DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]))
+                        DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]),
+                        n_held_out=n_held_out)
 
 
 def scoring_splits(mnist: Path, c: dict, backbone: str) -> dict:
     """The splits a table scores: `splits_of`, with test and held-out digits as SCORING asks for the backbone (as
     many as MNIST has)."""
-    from megl.data.mnist import DecoyOptions, decoy_splits, load_mnist
+    from megl.data.mnist import load_mnist
 
     want = SCORING.get(backbone)
     if not want:
@@ -176,9 +178,7 @@ def scoring_splits(mnist: Path, c: dict, backbone: str) -> dict:
     n_train_part, n_test_part = len(load_mnist(mnist, "train")[1]), len(load_mnist(mnist, "test")[1])
     n_test = max(c["n_test"], min(want["n_test"], n_test_part))
     held = max(0, min(want["n_held_out"], n_train_part - c["n_train"] - c["n_val"]))
-    return decoy_splits(mnist, c["n_train"], c["n_val"], n_test, c["seed"],
-                        DecoyOptions(swatch=c["swatch"], digit_contrast=c["digit_contrast"], noise=c["noise"]),
-                        n_held_out=held)
+    return splits_of(mnist, dict(c, n_test=n_test), held)
 
 
 def scored_sizes(parts: dict) -> dict:
@@ -342,8 +342,8 @@ def table_markdown(results: dict, backbone: str, base_seconds: Optional[float], 
         cells = [
             NAMES.get(method, method.replace("megl/", "MEGL ")), _pct(aggregate(rows, "test")),
             _pct(aggregate(rows, "train")), _pct(aggregate(rows, "val")), _pct(aggregate(rows, "val_clean")),
-            _pct(aggregate(rows, "held_out_clean"), 2), _pct(aggregate(rows, "test_clean")), "n/a" if miou[0] is None else
-            f"{miou[0]:.3f}" + ("" if miou[1] is None else f" ± {miou[1]:.3f}"),
+            _pct(aggregate(rows, "held_out_clean"), 2), _pct(aggregate(rows, "test_clean")),
+            "n/a" if miou[0] is None else f"{miou[0]:.3f}" + ("" if miou[1] is None else f" ± {miou[1]:.3f}"),
             _pct(aggregate(rows, "corner_share")), rel, f"{pub[0]} ({pub[1]})" if pub else "-"]
         body.append([cells[i] for i in keep])
     return f"**{title}**\n\n" + markdown_table(columns, body) + "\n"
