@@ -5,10 +5,11 @@ for several masks M, on the validation split of its synthetic data.
 
 Masks: the human mask A (the object), the run's own Grad-CAM Â, the object and the decoy patch together (A ∪ box),
 the decoy patch alone, everything but the object (1 − A), and the whole image. On a DecoyMNIST run (its `corners`
-annotation: A is everything but the four corners) the decoy patch is the four corners, i.e. 1 − A. If L_text(A ∪ box) ≈ L_text(A), the
-term cannot push a decoy out of a map that already shows the object; if L_text(Â) ≈ L_text(A), the run's maps
-already satisfy it. `grad` is the mean ∂L_text/∂M per pixel over the object and over the decoy patch at M = ½
-everywhere (negative: showing more of it lowers the loss). Reads the validation split only.
+annotation: A is everything but the four corners) the decoy patch is the four corners, i.e. 1 − A. If
+L_text(A ∪ box) ≈ L_text(A), the term cannot push a decoy out of a map that already shows the object; if
+L_text(Â) ≈ L_text(A), the run's maps already satisfy it. `grad` is the mean ∂L_text/∂M per pixel over the object
+and over the decoy patch at M = ½ everywhere (negative: showing more of it lowers the loss). Reads the validation
+split only.
 """
 from __future__ import annotations
 

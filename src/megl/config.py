@@ -219,30 +219,15 @@ class Config:
         from megl.losses.common import SALIENCY_TARGETS
         from megl.schedule import SCHEDULES
 
-        if self.background_mode not in BACKGROUND_MODES:
-            raise ConfigError(f"background_mode = {self.background_mode!r}: choose one of "
-                              f"{', '.join(BACKGROUND_MODES)} (--set background_mode=swap)")
-        if self.saliency_target not in SALIENCY_TARGETS:
-            raise ConfigError(f"saliency_target = {self.saliency_target!r}: choose one of {', '.join(SALIENCY_TARGETS)}"
-                              " (--set saliency_target=NAME)")
-        if self.llm_pretrain_images not in LLM_PRETRAIN_IMAGES:
-            raise ConfigError(f"llm_pretrain_images = {self.llm_pretrain_images!r}: choose one of "
-                              f"{', '.join(LLM_PRETRAIN_IMAGES)} (--set llm_pretrain_images=masked)")
-        if self.rationale_prompt not in RATIONALE_PROMPTS:
-            raise ConfigError(f"rationale_prompt = {self.rationale_prompt!r}: choose one of "
-                              f"{', '.join(RATIONALE_PROMPTS)} (--set rationale_prompt=image)")
-        if self.visual_l1 not in VISUAL_L1:
-            raise ConfigError(f"visual_l1 = {self.visual_l1!r}: choose one of {', '.join(VISUAL_L1)} "
-                              "(--set visual_l1=outside)")
-        if self.sdtg_grid not in SDTG_GRIDS:
-            raise ConfigError(f"sdtg_grid = {self.sdtg_grid!r}: choose one of {', '.join(SDTG_GRIDS)} "
-                              "(--set sdtg_grid=coarser)")
-        if self.mlp_input not in MLP_INPUTS:
-            raise ConfigError(f"mlp_input = {self.mlp_input!r}: choose one of {', '.join(MLP_INPUTS)} "
-                              "(--set mlp_input=signed)")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"lr_schedule = {self.lr_schedule!r}: choose one of {', '.join(SCHEDULES)} "
-                              "(--set lr_schedule=NAME)")
+        for key, choices, example in (
+            ("background_mode", BACKGROUND_MODES, "swap"), ("saliency_target", SALIENCY_TARGETS, "NAME"),
+            ("llm_pretrain_images", LLM_PRETRAIN_IMAGES, "masked"), ("rationale_prompt", RATIONALE_PROMPTS, "image"),
+            ("visual_l1", VISUAL_L1, "outside"), ("sdtg_grid", SDTG_GRIDS, "coarser"),
+            ("mlp_input", MLP_INPUTS, "signed"), ("lr_schedule", SCHEDULES, "NAME"),
+        ):  # fields with a fixed set of values
+            value = getattr(self, key)
+            if value not in choices:
+                raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(choices)} (--set {key}={example})")
         for key in ("classifier_weights", "clip_weights", "data_root"):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
